@@ -1,0 +1,246 @@
+"""Recipes: YAML files read into typed dataclasses. Unknown keys are errors; ``--set a.b=c`` overrides.
+
+A recipe may name a ``base`` recipe; its mapping is merged over the base's, key by key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+TASKS = ("classification", "detection", "segmentation")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key or value at fault."""
+
+
+@dataclass
+class MoEConfig:
+    """Which MLPs become MoE MLPs and how they route. Every value is the paper's default."""
+    num_experts: int = 12
+    top_k: int = 4
+    # "paper": every MLP for T/S backbones, every second for B; or "all", "every_second", or MLP indices
+    layers: Union[Literal["paper", "all", "every_second"], tuple[int, ...]] = "paper"
+    hidden_divisor: Optional[int] = None  # expert hidden = dense hidden / this; None: / top_k (FLOPs-matched)
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    renormalize: bool = False
+    noise_std: float = 0.0
+    router_hidden: int = 0
+    mi_momentum: float = 0.98
+    losses: dict[str, float] = field(default_factory=lambda: {"mi": 0.01})
+    upcycle: Optional[Literal["copy", "split"]] = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "swin_tiny_patch4_window7_224"
+    img_size: int = 224
+    drop_path_rate: float = 0.1
+    moe: Optional[MoEConfig] = field(default_factory=MoEConfig)  # None: the dense twin (MTHL.D)
+
+
+@dataclass
+class DatasetConfig:
+    """One training dataset: its task and its place in the two-step sampling."""
+    task: Literal["classification", "detection", "segmentation"]
+    sample_weight: float = 1.0
+    batch_size: int = 2
+    loss_weight: float = 1.0
+    top_k: Optional[int] = None  # None: the model's moe.top_k
+    num_classes: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 240_000
+    lr: float = 0.004
+    weight_decay: float = 0.05
+    grad_clip: float = 0.1
+    warmup_steps: int = 10_000
+    seed: int = 0
+    ep_size: int = 1
+    ds_config: str = "zero2_fp32.json"  # a file in ds_configs/ or a path; runtime values are merged in code
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    datasets: dict[str, DatasetConfig]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+    def top_k_per_dataset(self) -> dict[str, int]:
+        if self.model.moe is None:
+            return {}
+        return {n: d.top_k or self.model.moe.top_k for n, d in self.datasets.items()}
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {name_or_path!r} not found (known recipes: {', '.join(list_recipes())})")
+    if str(path) in seen:
+        raise ConfigError(f"recipe {path} includes itself through 'base'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is not None:
+        raw = _merge(_read_raw(base, seen + (str(path),)), raw)
+    return raw
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like a.b=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build dataclasses; raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of the allowed types ({'; '.join(errors)})")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(value) - names
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{where or 'recipe'}: {e}") from None
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that span several keys. Runs before any process group or model is created."""
+    moe = recipe.model.moe
+    if not recipe.datasets:
+        raise ConfigError("datasets: a recipe needs at least one dataset")
+    if moe is not None:
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise ConfigError(f"model.moe.top_k={moe.top_k} must be between 1 and num_experts={moe.num_experts}")
+        for name, k in recipe.top_k_per_dataset().items():
+            if not 1 <= k <= moe.num_experts:
+                raise ConfigError(f"datasets.{name}.top_k={k} must be between 1 and num_experts={moe.num_experts}")
+        if moe.num_experts % recipe.train.ep_size:
+            raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
+                              f"train.ep_size={recipe.train.ep_size}")
+    stage = zero_stage(recipe)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{recipe.train.ds_config}: zero_optimization.stage={stage} must be 0, 1, 2 or 3")
+    if moe is not None and stage == 3:
+        raise ConfigError(f"{recipe.train.ds_config}: ZeRO stage 3 cannot be used with MoE layers (DeepSpeed "
+                          "refuses native MoE under ZeRO 3); use a stage 1 or 2 config, or set model.moe=null")
+    for name, d in recipe.datasets.items():
+        if d.batch_size < 1:
+            raise ConfigError(f"datasets.{name}.batch_size={d.batch_size} must be >= 1")
+        if d.sample_weight < 0:
+            raise ConfigError(f"datasets.{name}.sample_weight={d.sample_weight} must be >= 0")
+
+
+def ds_config_path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"train.ds_config: {name!r} is neither a file nor one of "
+                          f"{sorted(p.name for p in DS_CONFIG_DIR.glob('*.json'))}")
+    return path
+
+
+def read_ds_config(name: str) -> dict:
+    path = ds_config_path(name)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def zero_stage(recipe: Recipe) -> int:
+    return int(read_ds_config(recipe.train.ds_config).get("zero_optimization", {}).get("stage", 0))
+
+
+def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe by name (``mthl_ds/recipes/NAME.yaml``) or path, apply ``a.b=c`` overrides, validate."""
+    raw = _read_raw(name_or_path)
+    raw.setdefault("name", Path(name_or_path).stem)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {} if node.get(k) is None else node[k]
+                if not isinstance(node[k], dict):
+                    raise ConfigError(f"override {text!r}: {k!r} is not a mapping")
+            node = node[k]
+        node[keys[-1]] = value
+    recipe = _coerce(raw, Recipe, "")
+    validate(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,172 @@
+"""Backbones: timm Swin / DaViT whose chosen MLPs are replaced by MoE MLPs after construction.
+
+timm's Swin and DaViT take no ``mlp_layer`` argument (Swin silently swallows unknown kwargs), so
+:func:`moeify` swaps ``block.mlp`` in place. The model code here is single-device: expert parallelism is
+only the ``ep_size`` / ``ep_rank`` a caller passes, and DeepSpeed's engine wires the process groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import timm
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from mthl_ds.config import MoEConfig
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.layer import MoEMlp
+
+# name -> (timm constructor kwargs, default MoE placement). The paper: every MLP for T/S, every second for B.
+BACKBONES: dict[str, tuple[dict, str]] = {
+    "swin_tiny_patch4_window7_224": (dict(model_name="swin_tiny_patch4_window7_224"), "all"),
+    "swin_small_patch4_window7_224": (dict(model_name="swin_small_patch4_window7_224"), "all"),
+    "swin_base_patch4_window7_224": (dict(model_name="swin_base_patch4_window7_224"), "every_second"),
+    "davit_tiny": (dict(model_name="davit_tiny"), "all"),
+    "davit_small": (dict(model_name="davit_small"), "all"),
+    "davit_base": (dict(model_name="davit_base"), "every_second"),
+    # Debug flavours for tests and the demo: the same classes, a few thousand times cheaper.
+    "swin_debug": (dict(model_name="swin_tiny_patch4_window7_224", embed_dim=32, depths=(1, 1, 2, 1),
+                        num_heads=(1, 2, 4, 8), window_size=4), "all"),
+    "davit_debug": (dict(model_name="davit_tiny", embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1),
+                         num_heads=(1, 2, 4, 8), window_size=4), "all"),
+}
+
+
+def mlp_blocks(net: nn.Module) -> list[nn.Module]:
+    """Every module that owns an ``mlp`` (a timm ``Mlp`` or an MoE MLP already put there), in order."""
+    return [m for m in net.modules() if isinstance(getattr(m, "mlp", None), (Mlp, MoEMlp))]
+
+
+def resolve_layers(layers: Union[str, Sequence[int]], count: int) -> tuple[int, ...]:
+    """``"all"``, ``"every_second"`` (MLP indices 1, 3, 5, ...) or explicit indices into the MLP list."""
+    if layers == "all":
+        return tuple(range(count))
+    if layers == "every_second":
+        return tuple(range(1, count, 2))
+    if isinstance(layers, str):
+        raise ValueError(f"moe layers {layers!r} must be 'all', 'every_second' or a list of MLP indices")
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"moe layer indices {bad} are outside the backbone's {count} MLPs (0..{count - 1})")
+    return tuple(sorted(set(layers)))
+
+
+def moeify(net: nn.Module, moe: MoEConfig, top_k: dict[str, int], context: RoutingContext,
+           ep_size: int = 1, ep_rank: int = 0, seed: int = 0) -> list[MoEMlp]:
+    """Replace the chosen timm MLPs of ``net`` with :class:`MoEMlp` layers; returns them in order.
+
+    Each expert's hidden width is the dense hidden width / ``moe.hidden_divisor`` (default: / K).
+    """
+    blocks = mlp_blocks(net)
+    chosen = resolve_layers(moe.layers, len(blocks))
+    divisor = moe.hidden_divisor or moe.top_k
+    layers = []
+    for i in chosen:
+        dense: Mlp = blocks[i].mlp
+        dim, dense_hidden = dense.fc1.in_features, dense.fc1.out_features
+        if dense_hidden % divisor:
+            raise ValueError(f"MLP {i}: hidden {dense_hidden} is not divisible by {divisor}")
+        gate = PerDatasetGate(dim, moe.num_experts, list(top_k), top_k, capacity_factor=moe.capacity_factor,
+                              eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
+                              drop_tokens=moe.drop_tokens, renormalize=moe.renormalize, noise_std=moe.noise_std,
+                              router_hidden=moe.router_hidden, loss_coefs=moe.losses,
+                              mi_momentum=moe.mi_momentum, context=context)
+        layer = MoEMlp(dim, dense_hidden // divisor, moe.num_experts, gate, ep_size=ep_size,
+                       act_layer=type(dense.act))
+        if moe.upcycle:
+            layer.upcycle(dense, moe.upcycle, moe.top_k, ep_rank=ep_rank)
+        else:
+            layer.init_weights(seed * 1009 + i, ep_rank=ep_rank)
+        blocks[i].mlp = layer
+        layers.append(layer)
+    return layers
+
+
+class MoEBackbone(nn.Module):
+    """A timm backbone returning its four stage features (NCHW), with per-dataset routing.
+
+    Call :meth:`set_dataset` before forward. After forward, :meth:`router_loss` sums the MoE layers'
+    weighted router losses, and :meth:`update_routing_buffers` folds this forward's routing statistics
+    into the MI buffers (one collective for all layers when a ``reduce_mean`` is given).
+    """
+
+    def __init__(self, net: nn.Module, datasets: Sequence[str], moe_layers: Sequence[MoEMlp],
+                 context: RoutingContext):
+        super().__init__()
+        self.net = net
+        self.datasets = list(datasets)
+        self.context = context
+        self.moe_layers = list(moe_layers)  # also registered inside self.net; this is a view for iteration
+        self.stage_channels = [info["num_chs"] for info in net.feature_info]
+
+    def set_dataset(self, name: str) -> None:
+        if name not in self.datasets:
+            raise KeyError(f"unknown dataset {name!r}; this model routes {self.datasets}")
+        self.context.dataset = name
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if self.context.dataset is None:
+            raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
+        self.context.forward_id += 1
+        return self.net.forward_intermediates(x, intermediates_only=True)
+
+    def router_loss(self) -> Tensor | float:
+        return sum(layer.gate.weighted_loss() for layer in self.moe_layers)
+
+    def router_loss_terms(self) -> dict[str, float]:
+        """Unweighted router losses summed over layers, for logging."""
+        terms: dict[str, float] = {}
+        for layer in self.moe_layers:
+            for name, value in layer.gate.losses.items():
+                terms[name] = terms.get(name, 0.0) + float(value.detach())
+        return terms
+
+    def update_routing_buffers(self, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        gates = [layer.gate for layer in self.moe_layers if layer.gate.pending_usage is not None]
+        if not gates:
+            return
+        usage = torch.stack([g.pending_usage[1] for g in gates])
+        if reduce_mean is not None:
+            usage = reduce_mean(usage)
+        for gate, row in zip(gates, usage):
+            gate.fold_usage(row, gate.pending_usage[0])
+            gate.pending_usage = None
+
+
+def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    kwargs = dict(BACKBONES[name][0])
+    model_name = kwargs.pop("model_name")
+    if model_name.startswith("swin"):
+        kwargs["img_size"] = img_size
+    return timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+
+
+def build_backbone(name: str, datasets: Iterable[str], moe: Optional[MoEConfig], top_k: Optional[dict] = None,
+                   img_size: int = 224, drop_path_rate: float = 0.0, ep_size: int = 1, ep_rank: int = 0,
+                   seed: int = 0) -> MoEBackbone:
+    """Build a backbone: MTHL when ``moe`` is given, its dense twin MTHL.D when ``moe`` is None.
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        datasets: dataset names; one router per dataset in every MoE layer.
+        moe: MoE settings; ``moe.layers == "paper"`` takes the backbone's placement from :data:`BACKBONES`.
+        top_k: K per dataset; default ``moe.top_k`` for all.
+        img_size: input size the backbone is built for.
+        ep_size, ep_rank: expert-parallel size and this rank's index in its expert-parallel group.
+        seed: seeds the whole init (timm's and the experts'), so every rank builds the same model.
+    """
+    datasets = list(datasets)
+    torch.manual_seed(seed)
+    net = create_timm(name, img_size, drop_path_rate)
+    context = RoutingContext()
+    layers: list[MoEMlp] = []
+    if moe is not None:
+        if moe.layers == "paper":
+            moe = dataclasses.replace(moe, layers=BACKBONES[name][1])
+        top_k = top_k or {d: moe.top_k for d in datasets}
+        layers = moeify(net, moe, top_k, context, ep_size=ep_size, ep_rank=ep_rank, seed=seed)
+    return MoEBackbone(net, datasets, layers, context)

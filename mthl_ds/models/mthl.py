@@ -1,0 +1,39 @@
+"""The multi-task heterogeneous learner: one shared backbone, one head and one router per dataset."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mthl_ds.config import Recipe
+from mthl_ds.models.backbone import MoEBackbone, build_backbone
+from mthl_ds.models.heads import build_head
+
+
+class MTHLModel(nn.Module):
+    """Shared backbone + ``heads[dataset]``. Datasets and their tasks come from the recipe."""
+
+    def __init__(self, backbone: MoEBackbone, heads: dict[str, nn.Module], tasks: dict[str, str]):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.tasks = dict(tasks)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.backbone.context.dataset
+
+    def set_dataset(self, name: str) -> None:
+        self.backbone.set_dataset(name)
+
+    def forward(self, images: Tensor):
+        features = self.backbone(images)
+        return self.heads[self.dataset](features)
+
+
+def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0) -> MTHLModel:
+    """Build the recipe's model; the same seed gives the same weights on every rank and for any ep_size."""
+    m = recipe.model
+    backbone = build_backbone(m.backbone, recipe.datasets, m.moe, top_k=recipe.top_k_per_dataset() or None,
+                              img_size=m.img_size, drop_path_rate=m.drop_path_rate, ep_size=ep_size,
+                              ep_rank=ep_rank, seed=recipe.train.seed)
+    heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes) for name, d in recipe.datasets.items()}
+    return MTHLModel(backbone, heads, {name: d.task for name, d in recipe.datasets.items()})

@@ -1,0 +1,181 @@
+"""The per-dataset gate: one router per dataset, top-K of Softmax(x W) (Eq. 2), router losses.
+
+The gate plugs into DeepSpeed's ``MOELayer`` in place of its ``TopKGate``: it is called as
+``gate(x, used_token, sparse_routes, use_tutel)`` and returns DeepSpeed's sparse-route tuple
+``(l_aux, capacity, num_experts, indices, locations, gates, counts)``, so DeepSpeed does the dispatch,
+the all-to-all and expert parallelism. Routes and capacity come from DeepSpeed's own ``topkgating``;
+only the gate values are ours, because ``topkgating`` always renormalises the K gates and Eq. 2 does not.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import topkgating
+from torch import Tensor, nn
+
+from mthl_ds.moe import losses as L
+
+DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class RoutingContext:
+    """State shared by every gate of one model: the dataset being run and a counter of model forwards.
+
+    The counter lets a gate tell a fresh forward from a recomputation of the same one (activation
+    checkpointing re-runs blocks in backward), so routing statistics are recorded once per forward.
+    """
+    dataset: Optional[str] = None
+    forward_id: int = 0
+
+
+class Router(nn.Module):
+    """``x -> logits`` over experts: a linear map, or a small MLP when ``hidden > 0``. Runs in float32."""
+
+    def __init__(self, dim: int, num_experts: int, hidden: int = 0):
+        super().__init__()
+        self.hidden = nn.Linear(dim, hidden) if hidden else None
+        self.proj = nn.Linear(hidden or dim, num_experts, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.hidden is not None:
+            x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
+        return F.linear(x, self.proj.weight.float())
+
+
+class PerDatasetGate(nn.Module):
+    """Top-K gate with one router per dataset and the router losses of the paper and its baselines.
+
+    Args:
+        dim: token width.
+        num_experts: E, experts in the layer (all ranks together).
+        datasets: dataset names; one router each, in this order (the rows of the MI buffer).
+        top_k: K per dataset.
+        capacity_factor: DeepSpeed's: each expert takes ``ceil(factor * K * S / E)`` of the S local tokens.
+        eval_capacity_factor: the same in eval mode.
+        min_capacity: lower bound on that capacity.
+        drop_tokens: drop routes over capacity; ``False`` sizes capacity to the busiest expert (all-reduced
+            over the expert-parallel group).
+        renormalize: rescale the K gate values to sum to 1 (DeepSpeed's behaviour); Eq. 2 does not.
+        noise_std: std of Gaussian noise added to the logits in training (noisy top-K gating).
+        router_hidden: 0 for a linear router, else the hidden width of an MLP router.
+        loss_coefs: coefficient per router loss (names in ``losses.LOSS_NAMES``); a loss with a zero
+            coefficient is not computed.
+        mi_momentum: momentum of the running joint ``B(D, E)``.
+        context: the model's shared :class:`RoutingContext`.
+    """
+
+    def __init__(self, dim: int, num_experts: int, datasets: Sequence[str], top_k: Mapping[str, int],
+                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+                 drop_tokens: bool = True, renormalize: bool = False, noise_std: float = 0.0,
+                 router_hidden: int = 0, loss_coefs: Optional[Mapping[str, float]] = None,
+                 mi_momentum: float = 0.98, context: Optional[RoutingContext] = None):
+        super().__init__()
+        if not datasets:
+            raise ValueError("a gate needs at least one dataset")
+        for name in datasets:
+            if not DATASET_NAME.match(name):
+                raise ValueError(f"dataset name {name!r} must be an identifier (letters, digits, _)")
+        if set(top_k) != set(datasets):
+            raise ValueError(f"top_k must name every dataset {list(datasets)}, got {sorted(top_k)}")
+        for name, k in top_k.items():
+            if not 1 <= k <= num_experts:
+                raise ValueError(f"top_k={k} for dataset {name!r} must be between 1 and num_experts={num_experts}")
+        coefs = dict(loss_coefs or {})
+        unknown = set(coefs) - set(L.LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown router loss {sorted(unknown)}; choose from {L.LOSS_NAMES}")
+        if coefs.get("load", 0) > 0 and noise_std <= 0:
+            raise ValueError("the load loss needs noisy gating: set noise_std > 0")
+        self.num_experts = num_experts
+        self.datasets = list(datasets)
+        self.top_k = dict(top_k)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.renormalize = renormalize
+        self.noise_std = noise_std
+        self.loss_coefs = {k: v for k, v in coefs.items() if v}
+        self.mi_momentum = mi_momentum
+        self.context = context if context is not None else RoutingContext()
+        self.ep_group = None
+        self.routers = nn.ModuleDict({name: Router(dim, num_experts, router_hidden) for name in datasets})
+        m = len(datasets)
+        self.register_buffer("routing_joint", torch.full((m, num_experts), 1.0 / (m * num_experts)))
+        # Filled by each forward: unweighted losses, per-expert route counts (before capacity drops),
+        # and the dataset's mean routing distribution waiting to be folded into the buffer.
+        self.losses: dict[str, Tensor] = {}
+        self.counts: Optional[Tensor] = None
+        self.pending_usage: Optional[tuple[int, Tensor]] = None
+        self._recorded_forward = -1
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def dataset_index(self, name: str) -> int:
+        return self.datasets.index(name)
+
+    def forward(self, x: Tensor, used_token: Optional[Tensor] = None, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        if used_token is not None or not sparse_routes or use_tutel:
+            raise NotImplementedError("PerDatasetGate supports DeepSpeed's sparse routes only")
+        name = self.context.dataset
+        if name is None:
+            raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
+        k = self.top_k[name]
+        clean = self.routers[name](x)
+        logits = clean
+        if self.training and self.noise_std > 0:
+            logits = clean + torch.randn_like(clean) * self.noise_std
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        l_aux, capacity, num_experts, indices, locations, gates, counts = topkgating(
+            logits, k, factor, self.min_capacity, self.drop_tokens, self.ep_group, sparse_routes=True)
+        probs = logits.softmax(dim=1)
+        if not self.renormalize:
+            kept = indices >= 0
+            gates = probs.t().gather(0, indices.long().clamp(min=0)) * kept
+        self.counts = counts
+        if self.training:
+            self._router_losses(name, k, probs, clean, logits, l_aux)
+        return l_aux, capacity, num_experts, indices, locations, gates, counts
+
+    def _router_losses(self, name: str, k: int, probs: Tensor, clean: Tensor, logits: Tensor,
+                       l_aux: Tensor) -> None:
+        top_vals, top_idx = probs.topk(k, dim=1)
+        topk_gates = torch.zeros_like(probs).scatter(1, top_idx, top_vals)  # G(x) of Eq. 2
+        usage = topk_gates.mean(0)
+        usage = usage / usage.sum().clamp(min=1e-9)  # P(E | D_i)
+        row = self.dataset_index(name)
+        losses = {}
+        if "mi" in self.loss_coefs:
+            joint = torch.zeros_like(self.routing_joint, dtype=usage.dtype)
+            joint = joint.index_put((torch.tensor([row], device=joint.device),), usage[None] / len(self.datasets))
+            losses["mi"] = L.mi_surrogate_loss(joint, self.routing_joint)
+        if "gshard" in self.loss_coefs:
+            losses["gshard"] = l_aux
+        if "importance" in self.loss_coefs:
+            losses["importance"] = L.importance_loss(topk_gates)
+        if "load" in self.loss_coefs:
+            losses["load"] = L.load_loss(clean, logits, self.noise_std, k)
+        if "zloss" in self.loss_coefs:
+            losses["zloss"] = L.z_loss(clean)
+        self.losses = losses
+        if self._recorded_forward != self.context.forward_id:
+            self._recorded_forward = self.context.forward_id
+            self.pending_usage = (row, usage.detach())
+
+    def weighted_loss(self) -> Tensor | float:
+        return sum(self.loss_coefs[n] * v for n, v in self.losses.items())
+
+    @torch.no_grad()
+    def fold_usage(self, usage: Tensor, row: int) -> None:
+        """Momentum-update row ``row`` of ``B(D, E)`` with ``P(E | D_row) / M`` (already averaged over ranks)."""
+        m = self.mi_momentum
+        target = usage.to(self.routing_joint) / len(self.datasets)
+        self.routing_joint[row].mul_(m).add_(target, alpha=1 - m)

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mthl-ds",
+    version="0.1.0",
+    description="Multi-task heterogeneous vision learners on DeepSpeed-MoE",
+    packages=find_packages(include=["mthl_ds", "mthl_ds.*"]),
+    package_data={"mthl_ds": ["recipes/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed==0.19.8",
+        "timm==1.0.31",
+        "webdataset==1.0.2",
+        "pyyaml>=6",
+        "segmentation-models-pytorch>=0.5",
+        "pycocotools>=2.0.8",
+        "safetensors>=0.4",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "numpy>=1.26",
+        "pillow>=10",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["mthl-ds=mthl_ds.cli:main"]},
+)

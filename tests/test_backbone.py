@@ -1,0 +1,125 @@
+"""moeify on the six paper backbones, the debug flavours, upcycling, recomputation and bad input."""
+import pytest
+import torch
+from timm.layers import Mlp
+
+from mthl_ds.config import MoEConfig
+from mthl_ds.models.backbone import build_backbone, create_timm, mlp_blocks
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.layer import MoEMlp
+
+# MLPs per backbone counted from timm's own structure, and the paper's MoE count (all for T/S, half for B).
+PAPER = {
+    "swin_tiny_patch4_window7_224": 12, "swin_small_patch4_window7_224": 24, "swin_base_patch4_window7_224": 12,
+    "davit_tiny": 12, "davit_small": 24, "davit_base": 12,
+}
+
+
+def timm_mlp_count(net):
+    if hasattr(net, "layers"):  # Swin: one MLP per block
+        return sum(len(stage.blocks) for stage in net.layers)
+    return sum(2 * len(stage.blocks) for stage in net.stages)  # DaViT: spatial + channel block per entry
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_moeify_replaces_paper_placement(name):
+    dense = create_timm(name, 224)
+    dense_blocks = mlp_blocks(dense)
+    assert len(dense_blocks) == timm_mlp_count(dense)
+    assert all(isinstance(b.mlp, Mlp) for b in dense_blocks)
+    model = build_backbone(name, ["imagenet", "coco"], MoEConfig())
+    blocks = mlp_blocks(model.net)
+    kinds = [type(b.mlp) for b in blocks]
+    assert kinds.count(MoEMlp) == PAPER[name] == len(model.moe_layers)
+    assert kinds.count(Mlp) == len(blocks) - PAPER[name]
+    if PAPER[name] < len(blocks):  # every second MLP: indices 1, 3, 5, ...
+        assert [i for i, k in enumerate(kinds) if k is MoEMlp] == list(range(1, len(blocks), 2))
+    layer = model.moe_layers[0]
+    dense_hidden = dense_blocks[0].mlp.fc1.out_features if PAPER[name] == len(blocks) else dense_blocks[1].mlp.fc1.out_features
+    assert layer.num_experts == 12 and layer.gate.top_k == {"imagenet": 4, "coco": 4}
+    assert layer.hidden == dense_hidden // 4
+
+
+def test_dense_twin_is_timm():
+    model = build_backbone("swin_tiny_patch4_window7_224", ["a"], None)
+    dense = create_timm("swin_tiny_patch4_window7_224", 224)
+    assert not model.moe_layers
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in dense.parameters())
+
+
+def test_explicit_layer_tuple_and_forward_shapes():
+    model = build_backbone("davit_debug", ["a"], MoEConfig(layers=(0, 3, 5), num_experts=4, top_k=2), img_size=64)
+    kinds = [type(b.mlp) for b in mlp_blocks(model.net)]
+    assert [i for i, k in enumerate(kinds) if k is MoEMlp] == [0, 3, 5]
+    model.set_dataset("a")
+    feats = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == model.stage_channels == [32, 64, 128, 256]
+
+
+def test_same_model_for_any_ep_size():
+    full = build_backbone("swin_debug", ["a"], MoEConfig(num_experts=4, top_k=2), img_size=64, seed=5)
+    halves = [build_backbone("swin_debug", ["a"], MoEConfig(num_experts=4, top_k=2), img_size=64, seed=5,
+                             ep_size=2, ep_rank=r) for r in (0, 1)]
+    for layer_full, layer0, layer1 in zip(full.moe_layers, halves[0].moe_layers, halves[1].moe_layers):
+        for g, mlp in enumerate(layer_full.local_mlps):
+            local = (layer0, layer1)[g // 2].local_mlps[g % 2]
+            assert torch.equal(mlp.fc1.weight, local.fc1.weight)
+    experts = full.moe_layers[0].local_mlps
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight), "experts must not share an init"
+
+
+@pytest.mark.parametrize("mode,top_k,num_experts", [("copy", 2, 6), ("split", 4, 4)])
+def test_upcycled_layer_reproduces_dense_mlp(mode, top_k, num_experts):
+    torch.manual_seed(0)
+    dense = Mlp(16, 64)
+    hidden = 64 if mode == "copy" else 16
+    ctx = RoutingContext(dataset="a")
+    gate = PerDatasetGate(16, num_experts, ["a"], {"a": top_k}, renormalize=True, capacity_factor=num_experts,
+                          context=ctx)
+    if mode == "split":  # a zero router spreads every token evenly; ties go to experts 0..K-1, one per chunk
+        torch.nn.init.zeros_(gate.routers["a"].proj.weight)
+    layer = MoEMlp(16, hidden, num_experts, gate)
+    layer.upcycle(dense, mode, top_k)
+    x = torch.randn(4, 7, 16)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_upcycle_refuses_mismatched_widths():
+    gate = PerDatasetGate(16, 4, ["a"], {"a": 2})
+    with pytest.raises(ValueError, match="copy.*hidden 8.*64"):
+        MoEMlp(16, 8, 4, gate).upcycle(Mlp(16, 64), "copy", 2)
+
+
+def test_recomputed_blocks_record_routing_once():
+    def one_step(checkpointing):
+        model = build_backbone("swin_debug", ["a", "b"], MoEConfig(num_experts=4, top_k=2), img_size=64, seed=1)
+        model.net.set_grad_checkpointing(checkpointing)
+        model.train()
+        model.set_dataset("b")
+        feats = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+        loss = sum(f.mean() for f in feats) + model.router_loss()
+        model.update_routing_buffers()
+        loss.backward()
+        assert all(layer.gate.pending_usage is None for layer in model.moe_layers), "recompute recorded again"
+        model.update_routing_buffers()
+        return [layer.gate.routing_joint.clone() for layer in model.moe_layers]
+
+    for plain, recomputed in zip(one_step(False), one_step(True)):
+        torch.testing.assert_close(plain, recomputed)
+        assert not torch.allclose(plain[1], torch.full_like(plain[1], 1 / 8)), "dataset b's row must move"
+
+
+def test_bad_input_is_refused_with_the_value():
+    with pytest.raises(ValueError, match="top_k=13.*num_experts=12"):
+        PerDatasetGate(8, 12, ["a"], {"a": 13})
+    with pytest.raises(ValueError, match="num_experts=12 is not divisible by ep_size=5"):
+        MoEMlp(8, 8, 12, PerDatasetGate(8, 12, ["a"], {"a": 2}), ep_size=5)
+    model = build_backbone("swin_debug", ["imagenet"], MoEConfig(num_experts=4, top_k=2), img_size=64)
+    with pytest.raises(RuntimeError, match="set_dataset"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(KeyError, match="'cifar'.*imagenet"):
+        model.set_dataset("cifar")
+    with pytest.raises(ValueError, match="load loss needs noisy gating"):
+        PerDatasetGate(8, 4, ["a"], {"a": 2}, loss_coefs={"load": 0.01})
+    with pytest.raises(ValueError, match="dataset name 'a.b'"):
+        PerDatasetGate(8, 4, ["a.b"], {"a.b": 2})

@@ -1,0 +1,48 @@
+"""Real DeepSpeed engines on 2 gloo ranks: expert parallelism and the all-reduced MI buffers."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_ranks
+from workers.moe_ranks import EP_OVERRIDES, global_batch
+
+from mthl_ds.config import load_recipe
+from mthl_ds.models.mthl import build_model
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_ranks")
+    run_ranks("moe_ranks.py", 2, [str(out)])
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_expert_parallel_equals_one_process(ranks):
+    recipe = load_recipe("demo", [o for o in EP_OVERRIDES if not o.startswith("train.ep_size")])
+    model = build_model(recipe)
+    images, labels = global_batch()
+    model.set_dataset("imagenet")
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    torch.testing.assert_close(torch.cat([ranks[0]["ep"]["logits"], ranks[1]["ep"]["logits"]]), logits.detach(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((ranks[0]["ep"]["loss"] + ranks[1]["ep"]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got = {**ranks[1]["ep"]["grads"], **ranks[0]["ep"]["grads"]}
+    assert set(expected) <= set(got)
+    assert all(not got[n].any() for n in set(got) - set(expected)), "unused parameters must get zero gradient"
+    experts = [n for n in expected if ".deepspeed_experts." in n]
+    assert len(experts) > 0 and any(n in ranks[1]["ep"]["grads"] and n not in ranks[0]["ep"]["grads"] for n in experts)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_mi_buffers_identical_on_both_ranks_and_survive_checkpoint(ranks):
+    b0, b1 = ranks[0]["buffer"]["buffers"], ranks[1]["buffer"]["buffers"]
+    assert len(b0) == 5 and set(b0) == set(b1)
+    for name in b0:
+        assert torch.equal(b0[name], b1[name]), name
+        assert not torch.allclose(b0[name], torch.full_like(b0[name], b0[name].mean())), "buffer never updated"
+        assert torch.equal(ranks[0]["buffer"]["loaded"][name], b0[name])
+        assert torch.equal(ranks[1]["buffer"]["loaded"][name], b1[name])

@@ -1,0 +1,131 @@
+"""The per-dataset gate against an independent float64 reference of Eq. 2 with DeepSpeed's capacity rule."""
+import math
+
+import pytest
+import torch
+
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.layer import MoEMlp
+
+
+def reference_routing(x, weight, k, capacity_factor, min_capacity, renormalize):
+    """Dense (S, E) kept-mask, slot locations and gate values, computed in float64 with plain loops."""
+    probs = torch.softmax(x.double() @ weight.double().t(), dim=1)
+    s_count, e_count = probs.shape
+    routed = torch.zeros(s_count, e_count, dtype=torch.bool)
+    for s in range(s_count):
+        routed[s, probs[s].topk(k).indices] = True
+    capacity = max(math.ceil(k * capacity_factor * s_count / e_count), min_capacity)
+    kept = torch.zeros_like(routed)
+    for e in range(e_count):
+        tokens = [s for s in range(s_count) if routed[s, e]]
+        for s in sorted(tokens, key=lambda t: -probs[t, e].item())[:capacity]:
+            kept[s, e] = True
+    locations = torch.full((s_count, e_count), -1, dtype=torch.long)
+    for e in range(e_count):
+        rows = kept[:, e].nonzero().flatten()
+        locations[rows, e] = torch.arange(len(rows))
+    gates = probs * kept
+    if renormalize:
+        gates = gates / gates.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    return kept, locations, gates, capacity, probs
+
+
+def dense_from_routes(indices, locations, gates, num_experts):
+    s_count = indices.shape[1]
+    kept = torch.zeros(s_count, num_experts, dtype=torch.bool)
+    loc = torch.full((s_count, num_experts), -1, dtype=torch.long)
+    val = torch.zeros(s_count, num_experts, dtype=torch.float64)
+    for r in range(indices.shape[0]):
+        for s in range(s_count):
+            e = int(indices[r, s])
+            if e >= 0:
+                kept[s, e] = True
+                loc[s, e] = int(locations[r, s])
+                val[s, e] = float(gates[r, s].detach())
+    return kept, loc, val
+
+
+def make_gate(k=3, num_experts=8, dim=16, **kw):
+    ctx = RoutingContext()
+    gate = PerDatasetGate(dim, num_experts, ["a", "b"], {"a": k, "b": k}, context=ctx, **kw)
+    ctx.dataset = "a"
+    return gate
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])
+def test_routes_match_reference(renormalize, capacity_factor):
+    torch.manual_seed(0)
+    gate = make_gate(capacity_factor=capacity_factor, renormalize=renormalize, min_capacity=2)
+    x = torch.randn(40, 16)
+    l_aux, capacity, num_experts, indices, locations, gates, counts = gate(x)
+    kept, loc, val, ref_capacity, probs = reference_routing(x, gate.routers["a"].proj.weight, 3, capacity_factor, 2,
+                                                            renormalize)
+    assert int(capacity) == ref_capacity and num_experts == 8
+    got_kept, got_loc, got_val = dense_from_routes(indices, locations, gates, 8)
+    assert torch.equal(got_kept, kept)
+    assert torch.equal(got_loc[kept], loc[kept])
+    torch.testing.assert_close(got_val, val, rtol=1e-5, atol=1e-6)
+    if capacity_factor < 1:
+        assert (~kept & (probs >= probs.topk(3, dim=1).values[:, -1:])).any(), "small capacity must drop routes"
+    assert counts.tolist() == (probs >= probs.topk(3, dim=1).values[:, -1:]).sum(0).tolist()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_layer_output_matches_reference(renormalize):
+    torch.manual_seed(1)
+    gate = make_gate(k=2, num_experts=6, dim=12, capacity_factor=1.0, renormalize=renormalize)
+    layer = MoEMlp(12, 8, 6, gate)
+    layer.init_weights(seed=3)
+    x = torch.randn(3, 10, 12)
+    y = layer(x)
+    kept, _, gates, _, _ = reference_routing(x.reshape(-1, 12), gate.routers["a"].proj.weight, 2, 1.0, 4, renormalize)
+    expected = torch.zeros(30, 12, dtype=torch.float64)
+    flat = x.reshape(-1, 12).double()
+    for e, mlp in enumerate(layer.local_mlps):
+        h = torch.nn.functional.gelu(flat @ mlp.fc1.weight.double().t() + mlp.fc1.bias.double())
+        out = h @ mlp.fc2.weight.double().t() + mlp.fc2.bias.double()
+        expected += gates[:, e:e + 1] * out
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), expected.reshape(3, 10, 12), rtol=1e-4, atol=1e-5)
+
+
+def test_only_current_router_gets_gradient():
+    torch.manual_seed(2)
+    gate = make_gate(loss_coefs={"mi": 1.0, "zloss": 1e-3})
+    layer = MoEMlp(16, 8, 8, gate)
+    y = layer(torch.randn(20, 16))
+    (y.square().sum() + gate.weighted_loss()).backward()
+    assert gate.routers["a"].proj.weight.grad is not None and gate.routers["a"].proj.weight.grad.abs().sum() > 0
+    assert gate.routers["b"].proj.weight.grad is None
+
+
+def test_per_dataset_top_k():
+    ctx = RoutingContext()
+    gate = PerDatasetGate(16, 8, ["a", "b"], {"a": 1, "b": 5}, capacity_factor=8.0, context=ctx)
+    x = torch.randn(30, 16)
+    for name, k in (("a", 1), ("b", 5)):
+        ctx.dataset = name
+        indices = gate(x)[3]
+        assert indices.shape == (k, 30) and (indices >= 0).all()
+        assert all(len(set(indices[:, s].tolist())) == k for s in range(30))
+
+
+def test_mlp_router_and_noise():
+    torch.manual_seed(3)
+    gate = make_gate(router_hidden=32, noise_std=1.0, loss_coefs={"load": 1.0, "importance": 1.0})
+    gate.train()
+    a = gate(torch.ones(8, 16))[3]
+    b = gate(torch.ones(8, 16))[3]
+    assert not torch.equal(a, b), "noisy gating must vary the routes between calls in training"
+    gate.eval()
+    assert torch.equal(gate(torch.ones(8, 16))[3], gate(torch.ones(8, 16))[3])
+    assert set(gate.losses) == {"load", "importance"}
+
+
+def test_drop_tokens_false_keeps_every_route():
+    torch.manual_seed(4)
+    gate = make_gate(drop_tokens=False, capacity_factor=0.1)
+    indices = gate(torch.randn(50, 16))[3]
+    assert (indices >= 0).all()

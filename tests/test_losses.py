@@ -1,0 +1,94 @@
+"""Router losses against hand evaluations in float64, and the identity of Eq. 4."""
+import math
+
+import torch
+
+from mthl_ds.moe import losses as L
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+
+
+def eq5_by_hand(joint, buffer):
+    m, e = len(joint), len(joint[0])
+    total = 0.0
+    for i in range(m):
+        for j in range(e):
+            total -= (1 + math.log(buffer[i][j])) * joint[i][j]
+    for j in range(e):
+        p_e = sum(joint[i][j] for i in range(m))
+        b_e = sum(buffer[i][j] for i in range(m))
+        total += (1 + math.log(b_e)) * p_e
+    return total
+
+
+def random_joint(m, e, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(m, e, generator=g, dtype=torch.float64).flatten(), 0).reshape(m, e)
+
+
+def test_mi_surrogate_equals_eq5_by_hand():
+    joint = random_joint(3, 12, 0)
+    joint[1:] = 0  # only the sampled dataset's row is non-zero in training
+    buffer = random_joint(3, 12, 1)
+    got = L.mi_surrogate_loss(joint, buffer, eps=0.0)
+    assert abs(float(got) - eq5_by_hand(joint.tolist(), buffer.tolist())) < 1e-12
+
+
+def test_mi_gradient_equals_exact_mi_gradient_when_buffer_is_true_joint():
+    joint = random_joint(3, 12, 2).requires_grad_()
+    (grad_surrogate,) = torch.autograd.grad(L.mi_surrogate_loss(joint, joint.detach(), eps=0.0), joint)
+    (grad_exact,) = torch.autograd.grad(L.exact_negative_mi(joint, eps=0.0), joint)
+    torch.testing.assert_close(grad_surrogate, grad_exact, rtol=1e-10, atol=1e-12)
+    # and not for another buffer: the identity is not trivially true
+    (grad_other,) = torch.autograd.grad(L.mi_surrogate_loss(joint, random_joint(3, 12, 3)), joint)
+    assert (grad_other - grad_exact).abs().max() > 1e-3
+
+
+def test_exact_negative_mi_is_minus_mutual_information():
+    independent = torch.outer(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])).double()
+    assert abs(float(L.exact_negative_mi(independent))) < 1e-9
+    diagonal = torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    assert abs(float(L.exact_negative_mi(diagonal)) + math.log(2)) < 1e-6
+
+
+def test_gate_mi_loss_uses_topk_usage_and_buffer():
+    torch.manual_seed(0)
+    ctx = RoutingContext(dataset="b")
+    gate = PerDatasetGate(8, 6, ["a", "b", "c"], {"a": 2, "b": 2, "c": 2}, loss_coefs={"mi": 1.0}, context=ctx)
+    gate.routing_joint.copy_(random_joint(3, 6, 4).float())
+    x = torch.randn(25, 8)
+    gate(x)
+    probs = torch.softmax(x.double() @ gate.routers["b"].proj.weight.double().t(), 1)
+    top = probs.topk(2, dim=1)
+    g = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+    usage = g.mean(0) / g.mean(0).sum()
+    joint = torch.zeros(3, 6, dtype=torch.float64)
+    joint[1] = usage / 3
+    expected = eq5_by_hand(joint.tolist(), gate.routing_joint.double().tolist())
+    assert abs(float(gate.losses["mi"].detach()) - expected) < 1e-5
+    assert gate.pending_usage[0] == 1
+    torch.testing.assert_close(gate.pending_usage[1].double(), usage, rtol=1e-5, atol=1e-7)
+
+
+def test_buffer_momentum_update():
+    ctx = RoutingContext(dataset="a")
+    gate = PerDatasetGate(4, 4, ["a", "b"], {"a": 1, "b": 1}, mi_momentum=0.9, context=ctx)
+    before = gate.routing_joint.clone()
+    usage = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    gate.fold_usage(usage, 0)
+    torch.testing.assert_close(gate.routing_joint[0], 0.9 * before[0] + 0.1 * usage / 2)
+    torch.testing.assert_close(gate.routing_joint[1], before[1])
+
+
+def test_importance_z_and_load_losses_by_hand():
+    gates = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    imp = gates.sum(0)
+    assert abs(float(L.importance_loss(gates)) - float(imp.var() / imp.mean() ** 2)) < 1e-6
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    assert abs(float(L.z_loss(logits)) - math.log(math.e + math.e ** 2 + math.e ** 3) ** 2) < 1e-5
+    clean = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    noisy = torch.tensor([[0.5, 0.8, 2.1]], dtype=torch.float64)
+    # k=1: experts 0 and 1 need to beat the top noisy logit 2.1; expert 2 (in the top) must beat 0.8
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    p = torch.tensor([phi((0 - 2.1) / 0.5), phi((1 - 2.1) / 0.5), phi((2 - 0.8) / 0.5)])
+    expected = float(p.var() / p.mean() ** 2)
+    assert abs(float(L.load_loss(clean, noisy, 0.5, 1)) - expected) < 1e-5

@@ -1,0 +1,80 @@
+"""2-rank worker: expert-parallel forward/backward, then MI-buffer training, save and reload.
+
+Writes ``rank{R}.pt`` into the output folder; tests/test_distributed_moe.py compares them.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mthl_ds.config import load_recipe
+from mthl_ds.engine import all_reduce_mean, build_engine, ep_rank, init_distributed, world
+from mthl_ds.models.mthl import build_model
+
+EP_OVERRIDES = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.drop_tokens=false",
+                "model.moe.losses={}", "train.ds_config=stage0_fp32.json", "train.ep_size=2", "train.seed=7"]
+BUFFER_OVERRIDES = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.losses={mi: 0.1}",
+                    "train.ds_config=zero2_fp32.json", "train.ep_size=2", "train.seed=7"]
+
+
+def global_batch(n=8, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def global_name(name: str, layer_local_experts: int, rank_in_ep: int) -> str:
+    """Rename a local expert parameter to its global expert index."""
+    marker = ".deepspeed_experts."
+    if marker not in name:
+        return name
+    head, tail = name.split(marker)
+    local, rest = tail.split(".", 1)
+    return f"{head}{marker}{rank_in_ep * layer_local_experts + int(local)}.{rest}"
+
+
+def expert_parallel_pass(rank: int) -> dict:
+    recipe = load_recipe("demo", EP_OVERRIDES)
+    model = build_model(recipe, ep_size=2, ep_rank=ep_rank(2))
+    engine, _, _ = build_engine(model, recipe)
+    images, labels = global_batch()
+    half = slice(4 * rank, 4 * rank + 4)
+    engine.module.set_dataset("imagenet")
+    logits = engine(images[half])
+    loss = F.cross_entropy(logits, labels[half])
+    engine.backward(loss)
+    grads = {global_name(n, 2, ep_rank(2)): p.grad.clone() for n, p in engine.module.named_parameters()
+             if p.grad is not None}
+    return {"logits": logits.detach(), "loss": loss.detach(), "grads": grads}
+
+
+def buffer_pass(rank: int, ckpt: Path) -> dict:
+    recipe = load_recipe("demo", BUFFER_OVERRIDES)
+    model = build_model(recipe, ep_size=2, ep_rank=ep_rank(2))
+    engine, _, _ = build_engine(model, recipe)
+    for step in range(3):
+        images, labels = global_batch(4, seed=100 + 10 * step + rank)  # different data on each rank
+        engine.module.set_dataset(["imagenet", "ade20k", "imagenet"][step])
+        feats = engine.module.backbone(images)
+        loss = sum(f.mean() for f in feats) + engine.module.backbone.router_loss()
+        engine.module.backbone.update_routing_buffers(all_reduce_mean)
+        engine.backward(loss)
+        engine.step()
+    buffers = {n: b.clone() for n, b in engine.module.named_buffers() if n.endswith("routing_joint")}
+    engine.save_checkpoint(str(ckpt), tag="step3")
+    fresh, _, _ = build_engine(build_model(recipe, ep_size=2, ep_rank=ep_rank(2)), recipe)
+    fresh.load_checkpoint(str(ckpt), tag="step3")
+    loaded = {n: b.clone() for n, b in fresh.module.named_buffers() if n.endswith("routing_joint")}
+    return {"buffers": buffers, "loaded": loaded}
+
+
+def main(out: Path) -> None:
+    init_distributed()
+    rank, world_size = world()
+    assert world_size == 2, world_size
+    result = {"ep": expert_parallel_pass(rank), "buffer": buffer_pass(rank, out / "ckpt")}
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
