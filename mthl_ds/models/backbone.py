@@ -140,8 +140,8 @@ def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Mod
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     kwargs = dict(BACKBONES[name][0])
     model_name = kwargs.pop("model_name")
-    if model_name.startswith("swin"):
-        kwargs["img_size"] = img_size
+    if model_name.startswith("swin"):  # one model sees each dataset's input size: masks built per input
+        kwargs.update(img_size=img_size, dynamic_img_size=True)
     return timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
 
 

@@ -1,0 +1,62 @@
+"""Data-pipeline benchmark: the classification pipeline against a bare decode-and-crop loop over the same
+JPEGs (images/s per worker, one process), and detection / segmentation samples/s."""
+from __future__ import annotations
+
+import io
+import tempfile
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+from mthl_ds.bench.common import side_by_side, timed
+from mthl_ds.data.pipelines import PipelineConfig, make_decoder
+from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
+from mthl_ds.data.shards import convert_world
+from mthl_ds.data.synth import write_world
+
+
+def synthetic_shards(workdir: Path) -> dict[str, Path]:
+    roots = write_world(workdir / "raw", seed=0)
+    return convert_world(roots, workdir / "shards", shard_size=64, progress=lambda _: None)
+
+
+def pipeline_loop(shard_set: ShardSet, cfg: PipelineConfig, count: int) -> None:
+    stream = TrainStream(shard_set, make_decoder(cfg, train=True), seed=0)
+    for _ in islice(iter(stream), count):
+        pass
+
+
+def bare_loop(jpegs: list[bytes], size: int) -> None:
+    """Decode and random-resized-crop only: the floor any classification pipeline sits on."""
+    crop = RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)
+    for data in jpegs:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        TF.to_tensor(crop(img))
+
+
+def run(shards: dict[str, Path] | None = None, count: int = 400, repeats: int = 5, size: int = 64) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = shards or synthetic_shards(Path(tmp))
+        cls = ShardSet.open(shards["imagenet"] / "train")
+        jpegs = [m["jpg"] for shard in cls.shards for _, m in read_shard(cls.root / shard["name"])[0]]
+        jpegs = (jpegs * (count // len(jpegs) + 1))[:count]
+        torch.set_num_threads(1)
+        cls_cfg = PipelineConfig("classification", (size, size))
+        result = side_by_side(lambda: pipeline_loop(cls, cls_cfg, count), lambda: bare_loop(jpegs, size), repeats)
+        rows = [{"benchmark": "B5 classification pipeline vs bare decode+crop (1 worker)",
+                 "candidate": f"{count / result['candidate_s']:.0f} img/s", "baseline": f"{count / result['baseline_s']:.0f} img/s",
+                 "ratio (throughput)": f"{1 / result['ratio_median']:.2f} [{1 / result['ratio_max']:.2f}, {1 / result['ratio_min']:.2f}]",
+                 "target": ">= 0.9", "images_per_s": count / result["candidate_s"], "throughput_ratio": 1 / result["ratio_median"]}]
+        for task, name, cfg in (("detection", "coco", PipelineConfig("detection", (128, 128))),
+                                ("segmentation", "ade20k", PipelineConfig("segmentation", (64, 64)))):
+            shard_set = ShardSet.open(shards[name] / "train")
+            seconds = sorted(timed(lambda: pipeline_loop(shard_set, cfg, count // 2)) for _ in range(repeats))
+            rate = (count // 2) / float(np.median(seconds))
+            rows.append({"benchmark": f"{task} pipeline (1 worker)", "candidate": f"{rate:.0f} samples/s",
+                         "baseline": "", "ratio (throughput)": "", "target": "", "images_per_s": rate})
+    return rows

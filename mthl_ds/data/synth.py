@@ -1,0 +1,208 @@
+"""A small, learnable synthetic world written in the datasets' *real* on-disk layouts.
+
+- ``imagenet/``: ILSVRC class folders ``train/<wnid>/<wnid>_<i>.JPEG`` and the flat val layout
+  ``val/ILSVRC2012_val_<i>.JPEG`` with its label file ``LOC_val_solution.csv``.
+- ``coco/``: ``train2017/``, ``val2017/`` JPEGs and ``annotations/instances_{train,val}2017.json``.
+- ``ADEChallengeData2016/``: ``images/{training,validation}/*.jpg`` and 8-bit PNG masks in
+  ``annotations/{training,validation}/*.png`` (0 = unlabeled, 1..N = classes).
+- Downstream datasets for adaptation: ``pets/`` (new classes, ImageNet layout) and
+  ``streets/ADEChallengeData2016/`` (a new scene style, ADE20K layout).
+
+Every image is drawn from a generator keyed on (seed, dataset, split, index), so the world is identical for
+identical arguments, whatever the order of generation.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
+PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
+           "magenta": (200, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30), "white": (240, 240, 240)}
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """Images per split. ``scale`` multiplies every count."""
+    cls_train_per_class: int = 40
+    cls_val_per_class: int = 10
+    det_train: int = 240
+    det_val: int = 60
+    seg_train: int = 160
+    seg_val: int = 40
+
+    def scaled(self, scale: float) -> "WorldSize":
+        return WorldSize(*(max(1, round(v * scale)) for v in vars(self).values()))
+
+
+IMAGENET_CLASSES = [(s, c) for s in SHAPES[:5] for c in ("red", "blue")]  # 10 classes
+PETS_CLASSES = [("star", "orange"), ("diamond", "cyan"), ("bar", "magenta"), ("star", "green"), ("diamond", "white")]
+COCO_CATEGORIES = [(1, "disc", "red"), (3, "square", "green"), (7, "triangle", "blue")]  # COCO ids are sparse
+ADE_CLASSES = [("sky", (110, 160, 230)), ("grass", (60, 150, 60)), ("road", (120, 120, 120)),
+               ("building", (150, 100, 70))]
+STREETS_CLASSES = [("night_sky", (20, 20, 60)), ("asphalt", (50, 50, 55)), ("lamp", (250, 220, 120))]
+
+
+def rng_for(seed: int, *key: object) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32("/".join(map(str, key)).encode())])
+
+
+def noisy_background(rng: np.random.Generator, h: int, w: int, base=None) -> np.ndarray:
+    base = rng.integers(60, 180, size=3) if base is None else np.asarray(base)
+    img = base[None, None, :] + rng.normal(0, 18, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if shape == "disc":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+    elif shape == "cross":
+        t = max(2, int(r / 3))
+        draw.rectangle((cx - t, y0, cx + t, y1), fill=color)
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(r / 3)))
+    elif shape == "star":
+        pts = [(cx + (r if i % 2 == 0 else r / 2.5) * np.cos(np.pi * i / 5 - np.pi / 2),
+                cy + (r if i % 2 == 0 else r / 2.5) * np.sin(np.pi * i / 5 - np.pi / 2)) for i in range(10)]
+        draw.polygon(pts, fill=color)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
+    elif shape == "bar":
+        draw.rectangle((x0, cy - r / 4, x1, cy + r / 4), fill=color)
+    else:
+        raise ValueError(shape)
+
+
+def save_jpeg(img: np.ndarray | Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(path, format="JPEG", quality=90)
+
+
+def classification_image(rng: np.random.Generator, shape: str, color: str, size: int = 96) -> Image.Image:
+    img = Image.fromarray(noisy_background(rng, size, size))
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = rng.integers(r, size - r, size=2)
+    draw_shape(ImageDraw.Draw(img), shape, (cx - r, cy - r, cx + r, cy + r), PALETTE[color])
+    return img
+
+
+def write_classification(root: Path, classes, seed: int, name: str, train_per_class: int, val_per_class: int) -> None:
+    """ILSVRC layout: train/<wnid>/<wnid>_<i>.JPEG; val/ILSVRC2012_val_<i>.JPEG + LOC_val_solution.csv."""
+    wnids = [f"n{90000000 + 1000 * len(name) + i:08d}" for i in range(len(classes))]
+    for c, (wnid, (shape, color)) in enumerate(zip(wnids, classes)):
+        for i in range(train_per_class):
+            save_jpeg(classification_image(rng_for(seed, name, "train", c, i), shape, color),
+                      root / "train" / wnid / f"{wnid}_{i}.JPEG")
+    rows = ["ImageId,PredictionString"]
+    for i in range(val_per_class * len(classes)):
+        c = i % len(classes)
+        stem = f"ILSVRC2012_val_{i + 1:08d}"
+        shape, color = classes[c]
+        save_jpeg(classification_image(rng_for(seed, name, "val", i), shape, color), root / "val" / f"{stem}.JPEG")
+        rows.append(f"{stem},{wnids[c]} 0 0 95 95")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (root / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{w} {s} {c}\n" for w, (s, c) in zip(wnids, classes)))
+
+
+def detection_image(rng: np.random.Generator):
+    h, w = (int(v) for v in rng.choice([(96, 128), (128, 96), (112, 112)]))
+    img = Image.fromarray(noisy_background(rng, h, w))
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for _ in range(int(rng.integers(1, 4))):
+        cat_id, shape, color = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+        side = int(rng.integers(22, 48))
+        x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), PALETTE[color])
+        objects.append((cat_id, [float(x0), float(y0), float(side), float(side)]))
+    return img, objects
+
+
+def write_detection(root: Path, seed: int, size: WorldSize) -> None:
+    """COCO layout: <split>2017/<id>.jpg and annotations/instances_<split>2017.json."""
+    ann_id = 1
+    for split, count, offset in (("train", size.det_train, 1), ("val", size.det_val, 500_001)):
+        images, annotations = [], []
+        for i in range(count):
+            image_id = offset + i
+            img, objects = detection_image(rng_for(seed, "coco", split, i))
+            file_name = f"{image_id:012d}.jpg"
+            save_jpeg(img, root / f"{split}2017" / file_name)
+            images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
+            for cat_id, bbox in objects:
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat_id, "bbox": bbox,
+                                    "area": bbox[2] * bbox[3], "iscrowd": 0})
+                ann_id += 1
+        categories = [{"id": cid, "name": f"{color}_{shape}", "supercategory": "shape"}
+                      for cid, shape, color in COCO_CATEGORIES]
+        out = root / "annotations" / f"instances_{split}2017.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def scene(rng: np.random.Generator, classes, style: str, h: int = 96, w: int = 128):
+    """A scene image and its label map (values 1..len(classes), 0 = unlabeled seams)."""
+    mask = np.zeros((h, w), dtype=np.uint8)
+    horizon = int(rng.integers(h // 4, h // 2))
+    mask[:horizon] = 1
+    if style == "ade":
+        split = int(rng.integers(w // 4, 3 * w // 4))
+        mask[horizon:, :split] = 2
+        mask[horizon:, split:] = 3
+        for _ in range(int(rng.integers(1, 3))):
+            bw, bh = int(rng.integers(12, 30)), int(rng.integers(10, horizon))
+            bx = int(rng.integers(0, w - bw))
+            mask[horizon - bh:horizon, bx:bx + bw] = 4
+    else:  # streets: asphalt below, lamps as bright discs in the sky
+        mask[horizon:] = 2
+        yy, xx = np.mgrid[:h, :w]
+        for _ in range(int(rng.integers(1, 4))):
+            cx, cy, r = int(rng.integers(8, w - 8)), int(rng.integers(6, max(7, horizon - 2))), int(rng.integers(4, 8))
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 3
+    mask[horizon - 1:horizon + 1] = 0  # unlabeled seam, as in ADE20K's 0 label
+    colors = np.array([(0, 0, 0)] + [c for _, c in classes], dtype=np.float64)
+    img = colors[mask] + rng.normal(0, 14, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_segmentation(root: Path, classes, style: str, seed: int, name: str, train: int, val: int) -> None:
+    """ADE20K layout: images/{training,validation}/ADE_<split>_<i>.jpg + annotations/.../ADE_<split>_<i>.png."""
+    for split, tag, count in (("training", "train", train), ("validation", "val", val)):
+        for i in range(count):
+            img, mask = scene(rng_for(seed, name, split, i), classes, style)
+            stem = f"ADE_{tag}_{i + 1:08d}"
+            save_jpeg(img, root / "images" / split / f"{stem}.jpg")
+            out = root / "annotations" / split / f"{stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(out, format="PNG")
+    (root / "objectInfo150.csv").write_text(
+        "Idx,Name\n" + "".join(f"{i + 1},{n}\n" for i, (n, _) in enumerate(classes)))
+
+
+def write_world(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+    """Write the whole synthetic world under ``out``; returns each dataset's root."""
+    size = WorldSize().scaled(scale)
+    roots = {"imagenet": out / "imagenet", "coco": out / "coco", "ade20k": out / "ADEChallengeData2016",
+             "pets": out / "pets", "streets": out / "streets" / "ADEChallengeData2016"}
+    write_classification(roots["imagenet"], IMAGENET_CLASSES, seed, "imagenet", size.cls_train_per_class,
+                         size.cls_val_per_class)
+    write_detection(roots["coco"], seed, size)
+    write_segmentation(roots["ade20k"], ADE_CLASSES, "ade", seed, "ade20k", size.seg_train, size.seg_val)
+    write_classification(roots["pets"], PETS_CLASSES, seed, "pets", size.cls_train_per_class // 2,
+                         size.cls_val_per_class)
+    write_segmentation(roots["streets"], STREETS_CLASSES, "streets", seed, "streets", size.seg_train // 2,
+                       size.seg_val)
+    return roots
