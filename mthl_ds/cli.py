@@ -26,12 +26,8 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from mthl_ds.demo import launch
-    load_recipe("demo", args.set)  # refuse a bad override before starting any process
-    rc = launch(args.out, overrides=tuple(args.set))
-    if rc == 0:
-        print(f"demo finished: metrics in {args.out / 'final_metrics.json'}")
-    return rc
+    from mthl_ds.demo import run_demo
+    return run_demo(args.out, overrides=tuple(args.set))
 
 
 def cmd_synth(args) -> int:
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.set_defaults(fn=cmd_model_info)
-    p = sub.add_parser("demo", help="the embedded demo: 2 CPU ranks, ZeRO 2, expert parallelism 2")
+    p = sub.add_parser("demo", help="synthetic world -> shards -> 2-rank training (ZeRO 2, LAMB, ep 2) -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)

@@ -53,18 +53,25 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    """One training dataset: its task and its place in the two-step sampling."""
+    """One training dataset: its task, data, input geometry and place in the two-step sampling."""
     task: Literal["classification", "detection", "segmentation"]
     sample_weight: float = 1.0
     batch_size: int = 2
     loss_weight: float = 1.0
     top_k: Optional[int] = None  # None: the model's moe.top_k
     num_classes: int = 1000
+    shards: str = ""  # folder holding train/ and val/ shard sets; relative paths are under train.data_root
+    size: tuple[int, ...] = (224, 224)  # (h, w): crop (classification, segmentation) or canvas (detection)
+    eval_batch_size: int = 0  # 0: batch_size
+    aux_weight: float = 0.4  # segmentation: FCN auxiliary head loss weight (0: no auxiliary head)
+    crop_scale: tuple[float, ...] = (0.08, 1.0)  # classification: RandomResizedCrop area range
+    head_channels: int = 0  # 0: the mmdet/mmseg width (RetinaNet FPN 256, UperNet 512); the demo uses less
 
 
 @dataclass
 class TrainConfig:
     steps: int = 240_000
+    optimizer: Literal["lamb", "adamw"] = "lamb"
     lr: float = 0.004
     weight_decay: float = 0.05
     grad_clip: float = 0.1
@@ -72,6 +79,13 @@ class TrainConfig:
     seed: int = 0
     ep_size: int = 1
     ds_config: str = "zero2_fp32.json"  # a file in ds_configs/ or a path; runtime values are merged in code
+    data_root: str = "data_shards"
+    workers: int = 2  # DataLoader workers per dataset and rank
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
 
 
 @dataclass
@@ -197,6 +211,8 @@ def validate(recipe: Recipe) -> None:
     for name, d in recipe.datasets.items():
         if d.batch_size < 1:
             raise ConfigError(f"datasets.{name}.batch_size={d.batch_size} must be >= 1")
+        if len(d.size) != 2 or min(d.size) < 1:
+            raise ConfigError(f"datasets.{name}.size={list(d.size)} must be [height, width]")
         if d.sample_weight < 0:
             raise ConfigError(f"datasets.{name}.sample_weight={d.sample_weight} must be >= 0")
 

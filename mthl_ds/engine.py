@@ -52,8 +52,11 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """LAMB. The engine does gradient clipping, so timm's LAMB must not clip with its own local norm."""
+def build_optimizer(groups: list[dict], lr: float, kind: str = "lamb") -> torch.optim.Optimizer:
+    """LAMB (the paper's), or AdamW. The engine clips gradients, so timm's LAMB must not clip with its own
+    local norm (``max_grad_norm=None``)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
     from timm.optim import Lamb
     return Lamb(groups, lr=lr, max_grad_norm=None)
 
@@ -79,7 +82,8 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
 def build_engine(model: nn.Module, recipe: Recipe):
     """``deepspeed.initialize`` with LAMB, the triangular schedule and the merged config."""
     _, world_size = world()
-    optimizer = build_optimizer(optimizer_groups(model, recipe.train.weight_decay), recipe.train.lr)
+    optimizer = build_optimizer(optimizer_groups(model, recipe.train.weight_decay), recipe.train.lr,
+                                recipe.train.optimizer)
     scheduler = triangular_schedule(optimizer, recipe.train.warmup_steps, recipe.train.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config(recipe, world_size))
@@ -93,3 +97,22 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     torch.distributed.all_reduce(tensor)
     return tensor / torch.distributed.get_world_size()
+
+
+@torch.no_grad()
+def sync_norm_statistics(module: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (one collective). DeepSpeed, unlike DDP, leaves them
+    per rank; kept equal, they make evaluation rank-independent and checkpoints (saved by rank 0) exact."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             for t in (m.running_mean, m.running_var)]
+    if not stats:
+        return
+    flat = torch.cat([t.flatten() for t in stats])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for t in stats:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

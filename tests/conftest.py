@@ -26,3 +26,23 @@ def run_ranks(worker: str, nprocs: int, args: list[str], timeout: int = 600) -> 
     if proc.returncode != 0:
         pytest.fail(f"{worker} on {nprocs} ranks failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The synthetic world at a quarter of the demo's size, converted with the real converters."""
+    from mthl_ds.data.shards import convert_world
+    from mthl_ds.data.synth import write_world
+    root = tmp_path_factory.mktemp("synthetic")
+    convert_world(write_world(root / "raw", seed=1, scale=0.25), root / "shards", shard_size=8,
+                  progress=lambda _: None)
+    return root / "shards"
+
+
+def demo_overrides(shards: Path, **train) -> list[str]:
+    """The demo recipe on the test shards, small and fast; ``train`` overrides train.* values."""
+    values = {"data_root": str(shards), "workers": 0, "steps": 8, "warmup_steps": 2, "ckpt_every": 0,
+              "log_every": 1, **train}
+    return [f"train.{k}={v}" for k, v in values.items()] + [
+        "datasets.imagenet.batch_size=4", "datasets.coco.batch_size=2", "datasets.ade20k.batch_size=2",
+        "datasets.imagenet.eval_batch_size=8", "datasets.coco.eval_batch_size=4", "datasets.ade20k.eval_batch_size=4"]

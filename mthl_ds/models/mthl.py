@@ -35,5 +35,6 @@ def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0) -> MTHLModel
     backbone = build_backbone(m.backbone, recipe.datasets, m.moe, top_k=recipe.top_k_per_dataset() or None,
                               img_size=m.img_size, drop_path_rate=m.drop_path_rate, ep_size=ep_size,
                               ep_rank=ep_rank, seed=recipe.train.seed)
-    heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes) for name, d in recipe.datasets.items()}
+    heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes, d.aux_weight, d.head_channels)
+             for name, d in recipe.datasets.items()}
     return MTHLModel(backbone, heads, {name: d.task for name, d in recipe.datasets.items()})

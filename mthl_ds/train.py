@@ -1,0 +1,433 @@
+"""The training job. Runs under any launcher, or none:
+
+    deepspeed --num_gpus N -m mthl_ds.train --recipe NAME --out RUN_DIR [--set key=value ...]
+    torchrun --nproc_per_node N -m mthl_ds.train --recipe NAME --out RUN_DIR
+    python -m mthl_ds.train --recipe NAME --out RUN_DIR                        # one rank
+
+A run folder holds the resolved config, per-step metrics (JSONL + TensorBoard), checkpoints and the final
+report. Started again with the same folder, a run resumes from its latest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
+from mthl_ds.data.pipelines import DatasetLoader, PipelineConfig, eval_loader, make_decoder
+from mthl_ds.data.reader import ShardSet
+from mthl_ds.data.sampler import TwoStepSampler
+from mthl_ds.data.shards import ShardError
+from mthl_ds.engine import all_reduce_mean, build_engine, ep_rank, init_distributed, sync_norm_statistics, world
+from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
+from mthl_ds.models.mthl import build_model
+
+log = logging.getLogger("mthl_ds.train")
+POINTER = "latest_complete"
+CHANCE_MAP = 0.0  # a detector that guesses has an AP of (almost) zero
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ checks before start
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world(recipe: Recipe, world_size: int) -> None:
+    """Checks that need the world size, made from the launcher's environment before any process group."""
+    ep = recipe.train.ep_size
+    if recipe.model.moe is not None and world_size % ep:
+        raise ConfigError(f"train.ep_size={ep} does not divide the world size {world_size}")
+    ds = read_ds_config(recipe.train.ds_config)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            raise ConfigError(f"{recipe.train.ds_config}: {key} is set at run time from datasets.<name>.batch_size; "
+                              "remove it from the DeepSpeed config")
+
+
+def dataset_dir(recipe: Recipe, name: str) -> Path:
+    path = Path(recipe.datasets[name].shards or name)
+    return path if path.is_absolute() else Path(recipe.train.data_root) / path
+
+
+def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, ShardSet]]:
+    """Open every train/val shard set and check it against the recipe, before any expensive work."""
+    sets = {}
+    for name, d in recipe.datasets.items():
+        root = dataset_dir(recipe, name)
+        train, val = ShardSet.open(root / "train"), ShardSet.open(root / "val")
+        for s in (train, val):
+            if s.task != d.task:
+                raise ConfigError(f"datasets.{name}: task {d.task!r} but {s.root} holds {s.task!r} shards")
+            if s.index["num_classes"] != d.num_classes:
+                raise ConfigError(f"datasets.{name}.num_classes={d.num_classes} but {s.root} has "
+                                  f"{s.index['num_classes']} classes")
+        train.check_split(world_size, recipe.train.workers)
+        sets[name] = (train, val)
+    return sets
+
+
+def model_signature(recipe: Recipe) -> dict:
+    """What must not change when a run resumes: the model and each dataset's task and classes."""
+    return {"model": dataclasses.asdict(recipe.model),
+            "datasets": {n: {"task": d.task, "num_classes": d.num_classes, "top_k": d.top_k}
+                         for n, d in recipe.datasets.items()}}
+
+
+def diff(saved, current, prefix="") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for k in sorted(set(saved) | set(current))
+                for d in diff(saved.get(k), current.get(k), f"{prefix}.{k}" if prefix else k)]
+    saved = list(saved) if isinstance(saved, tuple) else saved
+    current = list(current) if isinstance(current, tuple) else current
+    return [] if saved == current else [f"{prefix}: checkpoint has {saved!r}, recipe has {current!r}"]
+
+
+def latest_complete(ckpt_dir: Path) -> Optional[str]:
+    pointer = ckpt_dir / POINTER
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (ckpt_dir / tag / "run.json").is_file():
+        raise ShardError(f"{pointer} names {tag!r} but {ckpt_dir / tag} is not a complete checkpoint")
+    return tag
+
+
+def check_resume(ckpt_dir: Path, recipe: Recipe) -> Optional[str]:
+    tag = latest_complete(ckpt_dir)
+    if tag is None:
+        return None
+    saved = json.loads((ckpt_dir / tag / "run.json").read_text())
+    problems = diff(saved["signature"], model_signature(recipe))
+    if problems:
+        raise ConfigError(f"{ckpt_dir / tag} was written by a different model; refusing to resume:\n  "
+                          + "\n  ".join(problems))
+    return tag
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM (Slurm's warning signal); ranks agree on it at a step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0]))
+        return bool(flag.item() > 0)
+
+
+def pipeline_config(recipe: Recipe, name: str) -> PipelineConfig:
+    d = recipe.datasets[name]
+    return PipelineConfig(d.task, tuple(d.size), crop_scale=tuple(d.crop_scale))
+
+
+@torch.no_grad()
+def evaluate(forward, model, recipe: Recipe, val_sets: dict[str, ShardSet], rank: int = 0, world: int = 1,
+             workers: int = 0) -> dict:
+    """Every dataset's val metrics. ``forward`` is the engine (or the plain model in one process); each rank
+    evaluates its share, counts are summed and detections gathered, so any world size gives the same result."""
+    results = {}
+    for name, d in recipe.datasets.items():
+        val = val_sets[name]
+        loader = eval_loader(val, make_decoder(pipeline_config(recipe, name), train=False),
+                             d.eval_batch_size or d.batch_size, rank, world, workers)
+        evaluator = make_evaluator(d.task, d.num_classes, val)
+        model.set_dataset(name)
+        head = model.heads[name]
+        for batch in loader:
+            evaluator.update(head.predict(forward(batch["image"]), batch), batch)
+        metrics = evaluator.result(all_reduce_sum, all_gather_objects)
+        results[name] = {"task": d.task, "metric": evaluator.metric, "value": metrics[evaluator.metric],
+                         "chance": chance_level(evaluator, d.num_classes), "all": metrics}
+    return results
+
+
+def chance_level(evaluator, num_classes: int) -> float:
+    if isinstance(evaluator, ClassificationEvaluator):
+        return evaluator.chance(num_classes)
+    if isinstance(evaluator, SegmentationEvaluator):
+        return evaluator.chance_miou(all_reduce_sum(evaluator.confusion).sum(1).numpy())
+    return CHANCE_MAP
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+class Trainer:
+    """Top-down: :meth:`setup`, then :meth:`train_step` until done, :meth:`save` every ``ckpt_every`` steps,
+    :meth:`evaluate` at the end (and every ``eval_every`` steps), then the report."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path):
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop = StopFlag()
+        self.history: list[dict] = []
+
+    # ---- set-up
+    def setup(self) -> None:
+        r = self.recipe
+        check_world(r, launch_world_size())
+        self.sets = open_shards(r, launch_world_size())
+        resume_tag = check_resume(self.ckpt_dir, r)
+        init_distributed()
+        self.rank, self.world = world()
+        torch.manual_seed(r.train.seed)
+        model = build_model(r, ep_size=r.train.ep_size, ep_rank=ep_rank(r.train.ep_size))
+        self.engine, self.optimizer, self.scheduler = build_engine(model, r)
+        self.model = self.engine.module
+        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed)
+        self.step, loader_states = 0, {}
+        self.usage = {n: torch.zeros(len(self.model.backbone.moe_layers), r.model.moe.num_experts)
+                      for n in r.datasets} if r.model.moe else {}
+        if resume_tag:
+            loader_states = self.load(resume_tag)
+        self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
+                                         d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
+                                         state=loader_states.get(n)) for n, d in r.datasets.items()}
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
+            self.metrics_file = self.open_metrics()
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
+        self.stop.install()
+
+    def open_metrics(self):
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.step]
+            self.history = [json.loads(line) for line in kept if "loss" in json.loads(line)]
+            path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    # ---- one step
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        r = self.recipe
+        name = self.sampler.dataset_at(step)
+        batch = next(self.loaders[name])
+        self.model.set_dataset(name)
+        output = self.engine(batch["image"])
+        task_loss, parts = self.model.heads[name].loss(output, batch)
+        router_loss = self.model.backbone.router_loss()
+        loss = r.datasets[name].loss_weight * task_loss + router_loss
+        record = {"step": step, "dataset": name, "loss": float(task_loss.detach()), **parts,
+                  **{f"router/{k}": v for k, v in self.model.backbone.router_loss_terms().items()},
+                  "lr": self.scheduler.get_last_lr()[0]}
+        if not self.all_finite(loss, step, name):
+            self.scheduler.step()  # keep the schedule on the global step
+            return {**record, "skipped": True}
+        self.model.backbone.update_routing_buffers(all_reduce_mean)
+        self.engine.backward(loss)
+        self.engine.step()
+        sync_norm_statistics(self.model.heads[name])
+        for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
+            gate_usage += layer.gate.counts.float()
+        seconds = time.perf_counter() - start
+        record.update(seconds=seconds, images_per_s=r.datasets[name].batch_size * self.world / seconds)
+        return record
+
+    def all_finite(self, loss: torch.Tensor, step: int, name: str) -> bool:
+        """Every rank learns at the same step whether any rank's loss is not finite."""
+        flags = torch.zeros(self.world)
+        flags[self.rank] = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
+        flags = all_reduce_sum(flags)
+        if flags.sum() == 0:
+            return True
+        ranks = [i for i, f in enumerate(flags.tolist()) if f]
+        message = f"non-finite loss at step {step} on dataset {name!r} (rank(s) {ranks})"
+        if self.recipe.train.nonfinite == "stop":
+            raise NonFiniteLoss(message + "; stopping every rank (train.nonfinite=stop)")
+        if self.rank == 0:
+            log.warning("%s; every rank skips this step", message)
+        return False
+
+    # ---- evaluation
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        results = evaluate(self.engine, self.model, self.recipe, {n: v for n, (_, v) in self.sets.items()},
+                           self.rank, self.world, workers=min(1, self.recipe.train.workers))
+        self.engine.train()
+        return results
+
+    # ---- checkpoints
+    def save(self) -> None:
+        tag = f"step{self.step:08d}"
+        client = {"step": self.step}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"loaders": {n: l.state_dict() for n, l in self.loaders.items()}, "rng": rng_state(),
+                    "usage": self.usage}, self.ckpt_dir / tag / f"rank{self.rank}_state.pt")
+        barrier()
+        if self.rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
+            (self.ckpt_dir / tag / "run.json").write_text(json.dumps(
+                {"step": self.step, "world_size": self.world, "signature": model_signature(self.recipe),
+                 "recipe": recipe_to_dict(self.recipe)}, indent=1, default=list))
+            tmp = self.ckpt_dir / f".{POINTER}.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.ckpt_dir / POINTER)
+            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[:-self.recipe.train.keep_checkpoints]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        barrier()
+
+    def load(self, tag: str) -> dict:
+        saved = json.loads((self.ckpt_dir / tag / "run.json").read_text())
+        if saved["world_size"] != self.world:
+            raise ConfigError(f"{self.ckpt_dir / tag} was written by {saved['world_size']} ranks; this run has "
+                              f"{self.world}: exact resume needs the same world size")
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if path is None:
+            raise ShardError(f"DeepSpeed found no checkpoint {tag!r} in {self.ckpt_dir}")
+        self.step = client["step"]
+        state = torch.load(self.ckpt_dir / tag / f"rank{self.rank}_state.pt", weights_only=False)
+        set_rng_state(state["rng"])
+        self.usage = state["usage"]
+        if self.rank == 0:
+            log.warning("resumed from %s at step %d", self.ckpt_dir / tag, self.step)
+        return state["loaders"]
+
+    # ---- logging and the run
+    def log_step(self, record: dict) -> None:
+        self.history.append(record)
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if record["step"] % self.recipe.train.log_every == 0:
+            self.metrics_file.flush()
+        for key, value in record.items():
+            if isinstance(value, float):
+                self.tb.add_scalar(f"{record['dataset']}/{key}" if "/" not in key else key, value, record["step"])
+
+    def run(self) -> Optional[dict]:
+        self.setup()
+        t = self.recipe.train
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        saved_at = self.step
+        while self.step < t.steps:
+            record = self.train_step(self.step)
+            self.step += 1
+            if self.rank == 0:
+                self.log_step(record)
+                bar.set_postfix_str(f"{record['dataset']} loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                                    f"{record.get('images_per_s', 0):.0f} img/s", refresh=False)
+                bar.update(1)
+            if t.ckpt_every and self.step % t.ckpt_every == 0:
+                self.save()
+                saved_at = self.step
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.log_eval(self.evaluate())
+            if self.stop.agreed():
+                if saved_at != self.step:
+                    self.save()
+                bar.close()
+                if self.rank == 0:
+                    log.warning("stop requested: checkpoint saved at step %d", self.step)
+                return None
+        bar.close()
+        if saved_at != self.step:
+            self.save()
+        results = self.evaluate()
+        self.usage = {n: all_reduce_sum(u) for n, u in self.usage.items()}
+        if self.rank == 0:
+            self.finish(results)
+        return results
+
+    def log_eval(self, results: dict) -> None:
+        if self.rank == 0:
+            self.metrics_file.write(json.dumps({"step": self.step, "eval": results}) + "\n")
+            for name, r in results.items():
+                self.tb.add_scalar(f"{name}/eval_{r['metric']}", r["value"], self.step)
+
+    def finish(self, results: dict) -> None:
+        from mthl_ds.report import write_report
+        self.log_eval(results)
+        self.metrics_file.close()
+        self.tb.close()
+        final = {n: {k: r[k] for k in ("task", "metric", "value", "chance")} for n, r in results.items()}
+        (self.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        (self.run_dir / "eval_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        mix = self.sampler.realised_mix(self.sampler.counts(0, self.step))
+        report = write_report(self.run_dir, self.recipe, self.history, results, self.usage, mix)
+        print(f"report: {report}")
+        for name, r in final.items():
+            print(f"{name:<10} {r['task']:<15} {r['metric']} {r['value']:.2f} (chance {r['chance']:.2f})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mthl_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the run folder (resumed if it has checkpoints)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+        Trainer(recipe, args.out).run()
+    except (ConfigError, ShardError, NonFiniteLoss) as e:
+        print(f"mthl_ds.train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Evaluation: COCO mAP against pycocotools run directly, segmentation metrics by hand, and a 2-rank
+expert-parallel evaluation against a one-process one."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from conftest import demo_overrides, run_ranks
+from workers.eval_ranks import EVAL_OVERRIDES, prepare
+
+from mthl_ds.config import load_recipe
+from mthl_ds.data.reader import ShardSet
+from mthl_ds.evaluation import DetectionEvaluator, SegmentationEvaluator
+from mthl_ds.models.mthl import build_model
+from mthl_ds.train import evaluate, open_shards
+
+
+def hand_made_detections(gt: dict, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    dets = []
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        jitter = rng.normal(0, 3, size=4)
+        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": float(rng.uniform(0.3, 1)),
+                     "bbox": [x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])]})
+        if rng.random() < 0.3:  # a false positive of another category
+            other = [c["id"] for c in gt["categories"] if c["id"] != ann["category_id"]][0]
+            dets.append({"image_id": ann["image_id"], "category_id": other, "score": float(rng.uniform(0, 0.6)),
+                         "bbox": [x, y, w, h]})
+    return dets
+
+
+def test_coco_map_equals_pycocotools(shards, tmp_path):
+    gt_file = shards.parent / "raw" / "coco" / "annotations" / "instances_val2017.json"
+    gt = json.loads(gt_file.read_text())
+    dets = hand_made_detections(gt)
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_file))
+        direct = COCOeval(coco, coco.loadRes(str(tmp_path / "dets.json")), "bbox")
+        direct.evaluate()
+        direct.accumulate()
+        direct.summarize()
+    # our evaluator, fed xyxy boxes with contiguous labels as the detection head predicts them
+    val = ShardSet.open(shards / "coco" / "val")
+    evaluator = DetectionEvaluator(val)
+    label_of = {c["id"]: i for i, c in enumerate(val.index["classes"])}
+    for image in gt["images"]:
+        mine = [d for d in dets if d["image_id"] == image["id"]]
+        boxes = torch.tensor([d["bbox"] for d in mine], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        prediction = {"boxes": boxes, "scores": torch.tensor([d["score"] for d in mine]),
+                      "labels": torch.tensor([label_of[d["category_id"]] for d in mine], dtype=torch.long)}
+        evaluator.update([prediction], {"image_id": torch.tensor([image["id"]]), "valid": torch.tensor([True])})
+    ours = evaluator.result(lambda t: t, lambda x: [x])
+    assert 20 < ours["mAP"] < 100
+    for key, index in (("mAP", 0), ("AP50", 1), ("AP75", 2)):
+        assert ours[key] == pytest.approx(100 * direct.stats[index], abs=0.01), key
+
+
+def test_segmentation_metrics_by_hand():
+    evaluator = SegmentationEvaluator(3)
+    target = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])
+    prediction = torch.tensor([[[0, 1, 1, 1], [2, 0, 0, 1]]])
+    evaluator.update(prediction, {"mask": target, "valid": torch.tensor([True])})
+    evaluator.update(prediction, {"mask": target, "valid": torch.tensor([False])})  # padding never counts
+    m = evaluator.result(lambda t: t, lambda x: [x])
+    iou = [1 / 3, 3 / 4, 1 / 2]  # class 0: 1 hit / (2 gt + 2 pred - 1); class 1: 3 / (3 + 4 - 3); class 2: 1 / 2
+    acc = [1 / 2, 3 / 3, 1 / 2]
+    assert m["mIoU"] == pytest.approx(100 * np.mean(iou)) and m["mAcc"] == pytest.approx(100 * np.mean(acc))
+    assert m["aAcc"] == pytest.approx(100 * 5 / 7) and m["pixels"] == 7
+
+
+def test_two_rank_evaluation_equals_one_rank(shards, tmp_path):
+    run_ranks("eval_ranks.py", 2, [str(shards), str(tmp_path / "ranks.json")])
+    distributed = json.loads((tmp_path / "ranks.json").read_text())
+    recipe = load_recipe("demo", demo_overrides(shards) + EVAL_OVERRIDES + ["train.ep_size=1"])
+    sets = open_shards(recipe, 1)
+    model = prepare(build_model(recipe))
+    single = evaluate(model, model, recipe, {n: v for n, (_, v) in sets.items()})
+    assert single["coco"]["all"]["detections"] > 0
+    for name in single:
+        for key, value in single[name]["all"].items():
+            assert distributed[name]["all"][key] == pytest.approx(value, abs=1e-6), (name, key)
+    assert single["imagenet"]["all"]["samples"] == len(sets["imagenet"][1])
