@@ -158,11 +158,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's warning signal); ranks agree on it at a step boundary."""
+EXIT_STOPPED = 75  # the run saved a checkpoint on request and should be started again (sbatch requeues)
 
-    def __init__(self):
+
+class StopFlag:
+    """A request to checkpoint and stop: SIGUSR1 / SIGTERM to a rank, or a ``STOP`` file in the run folder
+    (what slurm/train.sbatch creates on Slurm's warning signal). Ranks agree on it at a step boundary."""
+
+    def __init__(self, stop_file: Path):
         self.requested = False
+        self.stop_file = stop_file
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -172,7 +177,8 @@ class StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0]))
+        requested = self.requested or self.stop_file.exists()
+        flag = all_reduce_sum(torch.tensor([1.0 if requested else 0.0]))
         return bool(flag.item() > 0)
 
 
@@ -219,8 +225,9 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.stop = StopFlag()
+        self.stop = StopFlag(self.run_dir / "STOP")
         self.history: list[dict] = []
+        self.stopped_early = False
 
     # ---- set-up
     def setup(self) -> None:
@@ -243,13 +250,23 @@ class Trainer:
         self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
                                          d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
                                          state=loader_states.get(n)) for n, d in r.datasets.items()}
+        self.record_launch()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
             self.metrics_file = self.open_metrics()
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.stop.install()
+
+    def record_launch(self) -> None:
+        """Each rank notes how the launcher placed it (runs/…/launch/rank*.json), for multi-node checks."""
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR",
+                "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_RESTART_COUNT")
+        folder = self.run_dir / "launch"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"rank": self.rank, "world": self.world, "host": os.uname().nodename, "start_step": self.step,
+                **{k: os.environ[k] for k in keys if k in os.environ}}
+        (folder / f"rank{self.rank}.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def open_metrics(self):
         path = self.run_dir / "metrics.jsonl"
@@ -380,6 +397,7 @@ class Trainer:
                 bar.close()
                 if self.rank == 0:
                     log.warning("stop requested: checkpoint saved at step %d", self.step)
+                self.stopped_early = True
                 return None
         bar.close()
         if saved_at != self.step:
@@ -422,11 +440,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.set)
-        Trainer(recipe, args.out).run()
+        trainer = Trainer(recipe, args.out)
+        trainer.run()
     except (ConfigError, ShardError, NonFiniteLoss) as e:
         print(f"mthl_ds.train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_STOPPED if trainer.stopped_early else 0
 
 
 if __name__ == "__main__":
