@@ -1,5 +1,6 @@
 """Recipes, overrides, config errors, and the `mthl-ds` command."""
 import json
+import os
 import subprocess
 import sys
 
@@ -58,8 +59,9 @@ def test_unknown_recipe_lists_the_known_ones():
 
 
 def test_model_info_json():
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # stdout must stay pure JSON
     out = subprocess.run([sys.executable, "-m", "mthl_ds.cli", "model-info", "demo", "--json"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, env=env).stdout
     info = json.loads(out)
     for fig in (info, info["dense"]):
         assert set(fig) >= {"backbone_params", "total_params", "active_params", "flops_per_image", "moe_layers"}
