@@ -9,6 +9,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from mthl_ds.config import Recipe, read_ds_config
+from mthl_ds.optim import Lamb, attach_zero_layout
 
 
 def init_distributed() -> None:
@@ -52,13 +53,13 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_optimizer(groups: list[dict], lr: float, kind: str = "lamb") -> torch.optim.Optimizer:
-    """LAMB (the paper's), or AdamW. The engine clips gradients, so timm's LAMB must not clip with its own
-    local norm (``max_grad_norm=None``)."""
+def build_optimizer(groups: list[dict], lr: float, kind: str = "lamb", zero_stage: int = 0) -> torch.optim.Optimizer:
+    """LAMB (the paper's, per-tensor trust ratios at every ZeRO stage: mthl_ds.optim), or AdamW."""
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    from timm.optim import Lamb
-    return Lamb(groups, lr=lr, max_grad_norm=None)
+    optimizer = Lamb(groups, lr=lr)
+    optimizer.partitioned = zero_stage in (1, 2)
+    return optimizer
 
 
 def triangular_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -82,12 +83,50 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
 def build_engine(model: nn.Module, recipe: Recipe):
     """``deepspeed.initialize`` with LAMB, the triangular schedule and the merged config."""
     _, world_size = world()
+    config = ds_config(recipe, world_size)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
     optimizer = build_optimizer(optimizer_groups(model, recipe.train.weight_decay), recipe.train.lr,
-                                recipe.train.optimizer)
+                                recipe.train.optimizer, stage)
     scheduler = triangular_schedule(optimizer, recipe.train.warmup_steps, recipe.train.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config(recipe, world_size))
+                                                           config=config)
+    attach_zero_layout(engine)
+    if stage == 0:
+        use_exact_moe_clipping(engine)
     return engine, optimizer, scheduler
+
+
+def use_exact_moe_clipping(engine) -> None:
+    """Clip stage-0 gradients by the true global norm of a model with expert parallelism.
+
+    DeepSpeed's stage-0 ``clip_grad_norm_`` averages each rank's local norm (shared tensors plus *its own*
+    experts) over ranks, which is not the norm of the whole gradient, so the clip factor, and the training,
+    change with ep_size. Here: shared tensors' squares (already averaged, the same on every rank) plus the
+    experts' squares summed over each expert-parallel group. ZeRO 1/2 already compute the exact norm.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        shared = torch.zeros((), dtype=torch.float32)
+        experts: dict[str, torch.Tensor] = {}
+        for p in params:
+            square = p.grad.detach().float().pow(2).sum()
+            if is_moe_param(p):
+                experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float32)) + square
+            else:
+                shared += square
+        total = shared
+        for name, square in experts.items():
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(square, group=groups._get_expert_parallel_group(name))
+            total = total + square
+        coef = (engine.gradient_clipping() / (total.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+
+    engine.clip_fp32_gradients = clip
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

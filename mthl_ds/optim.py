@@ -1,0 +1,169 @@
+"""LAMB whose trust ratios stay per tensor when ZeRO 1/2 flattens and partitions the parameters.
+
+LAMB scales each tensor's Adam update by ``||w|| / ||update||``. Under ZeRO stages 1 and 2 DeepSpeed hands
+the optimizer one flat fp32 partition per parameter group, so an ordinary LAMB (fused or not) computes one
+trust ratio per partition (DeepSpeed issues #88, #490): another optimizer, which changes with the number
+of ranks. Here, after ``deepspeed.initialize``, :func:`attach_zero_layout` tells the optimizer where each
+original tensor's fragment lies in its partition; a step then sums squares per tensor over the fragments
+(``segment_reduce``), completes the norms with one all-reduce over the group's data-parallel group (the
+expert-data-parallel group for expert tensors, as DeepSpeed assigns), and applies each tensor's ratio to
+its fragment. Everything is batched over the partition: no per-tensor Python loop in the hot path.
+
+The math is timm's ``Lamb`` (bias correction, gradient averaging, eps 1e-6, trust ratio only where weight
+decay is non-zero, no clipping of its own: the engine clips). One addition: a tensor whose gradient is
+exactly zero this step (a head or router of another dataset, an expert no token reached) is left alone,
+moments included, as PyTorch optimizers leave a parameter whose ``grad`` is None. DeepSpeed materialises
+zero gradients for unused parameters, and LAMB would otherwise shrink every unused tensor by ``lr`` per
+step (its trust ratio turns a pure weight-decay update into a step of size ``lr * ||w||``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PartitionLayout:
+    """Where the tensors of one parameter group lie in this rank's flat partition.
+
+    ``lengths[s]`` elements of segment s belong to tensor ``tensor_ids[s]`` (``num_tensors`` marks padding).
+    """
+    lengths: Tensor
+    tensor_ids: Tensor
+    num_tensors: int
+    process_group: object = None
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with per-tensor trust ratios, on whole tensors (ZeRO 0) or ZeRO 1/2 partitions.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: Adam's moment coefficients.
+        eps: added to the second-moment root.
+        weight_decay: L2 added to the update (LAMB's); groups with 0 get no trust-ratio adaptation.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        # Keyed by the flat partition tensor: DeepSpeed steps one group at a time through a swapped-in list.
+        self.layouts: dict[Tensor, PartitionLayout] = {}
+        self.partitioned = False  # set before ZeRO wraps it: every group must then get a layout
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                layout = self.layouts.get(p)
+                if self.partitioned and layout is None:
+                    raise RuntimeError(f"LAMB param group {group.get('name')!r} holds a ZeRO partition without a "
+                                       "layout: call attach_zero_layout(engine) after deepspeed.initialize")
+                self._update(p, group, layout)
+        return loss
+
+    def _update(self, p: Tensor, group: dict, layout: Optional[PartitionLayout]) -> None:
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        grad = p.grad.float() if p.grad.dtype != p.dtype else p.grad
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        # Per-tensor sums of squares: gradient (to find unused tensors), weight, update.
+        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        update = (exp_avg / (1 - beta1 ** step)).div_(denom)
+        decay = group["weight_decay"]
+        if decay:
+            update.add_(p, alpha=decay)
+        squares = [grad * grad, p * p, update * update] if decay else [grad * grad]
+        per_tensor = self._tensor_sums(torch.stack([s.flatten() for s in squares]), layout)  # (rows, tensors)
+        used = per_tensor[0] > 0
+        if decay:
+            w_norm, u_norm = per_tensor[1].sqrt(), per_tensor[2].sqrt()
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            scale = torch.where(used, ratio, torch.zeros_like(ratio))
+        else:
+            scale = used.to(update.dtype)
+        keep = self._expand(used, layout, p)
+        state["exp_avg"] = torch.where(keep, exp_avg, state["exp_avg"])
+        state["exp_avg_sq"] = torch.where(keep, exp_avg_sq, state["exp_avg_sq"])
+        p.add_(update * self._expand(scale, layout, p), alpha=-group["lr"])
+
+    @staticmethod
+    def _tensor_sums(rows: Tensor, layout: Optional[PartitionLayout]) -> Tensor:
+        """Row sums per original tensor: (rows, N) -> (rows, tensors); all-reduced across the partitions."""
+        if layout is None:
+            return rows.sum(dim=1, keepdim=True)
+        lengths = layout.lengths.to(rows.device).repeat(rows.shape[0])  # the rows back to back, one segment list each
+        per_segment = torch.segment_reduce(rows.float().flatten(), "sum", lengths=lengths).view(rows.shape[0], -1)
+        sums = rows.new_zeros(rows.shape[0], layout.num_tensors + 1, dtype=torch.float32)
+        sums.index_add_(1, layout.tensor_ids.to(rows.device), per_segment)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums, group=layout.process_group)
+        return sums
+
+    @staticmethod
+    def _expand(values: Tensor, layout: Optional[PartitionLayout], p: Tensor) -> Tensor:
+        """Per-tensor values back to one per element of ``p``."""
+        if layout is None:
+            return values[0].to(p.dtype if values.dtype != torch.bool else torch.bool)
+        per_segment = values[layout.tensor_ids.to(values.device)]
+        if values.dtype != torch.bool:
+            per_segment = per_segment.to(p.dtype)
+        return torch.repeat_interleave(per_segment, layout.lengths.to(values.device), output_size=p.numel())
+
+
+def attach_zero_layout(engine) -> None:
+    """Give the engine's :class:`Lamb` the tensor layout of every ZeRO 1/2 partition (after initialize).
+
+    Raises when the engine runs ZeRO with another optimizer layout than it expects, so a ZeRO + LAMB run
+    never falls back to per-partition trust ratios silently.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        return
+    inner = zero.optimizer
+    if not isinstance(inner, Lamb):
+        raise TypeError(f"ZeRO wraps {type(inner).__name__}, expected mthl_ds.optim.Lamb")
+    for index, _ in enumerate(inner.param_groups):
+        group_pg = zero.real_dp_process_group[index]
+        rank = torch.distributed.get_rank(group=group_pg)
+        size = zero.partition_size[index]
+        start, end = rank * size, (rank + 1) * size
+        tensors, offsets = zero.round_robin_bit16_groups[index], zero.round_robin_bit16_offsets[index]
+        padding = len(tensors)
+        lengths, ids, cursor = [], [], start
+        for tensor_id, (tensor, offset) in enumerate(zip(tensors, offsets)):
+            a, b = max(offset, start), min(offset + tensor.numel(), end)
+            if a >= b:
+                continue
+            if a > cursor:
+                lengths.append(a - cursor)
+                ids.append(padding)
+            lengths.append(b - a)
+            ids.append(tensor_id)
+            cursor = b
+        if cursor < end:
+            lengths.append(end - cursor)
+            ids.append(padding)
+        flat = zero.single_partition_of_fp32_groups[index]
+        if sum(lengths) != flat.numel():
+            raise RuntimeError(f"ZeRO partition {index} has {flat.numel()} elements, layout covers {sum(lengths)}")
+        inner.layouts[flat] = PartitionLayout(torch.tensor(lengths, dtype=torch.long),
+                                               torch.tensor(ids, dtype=torch.long), padding, group_pg)

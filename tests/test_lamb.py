@@ -1,0 +1,88 @@
+"""LAMB that stays LAMB under ZeRO 1 and 2: per-tensor trust ratios from partition fragments."""
+import pytest
+import timm.optim
+import torch
+
+from conftest import run_ranks
+from workers.lamb_ranks import overrides, train, weights
+
+from mthl_ds.config import load_recipe
+from mthl_ds.engine import build_engine, init_distributed
+from mthl_ds.models.mthl import build_model
+from mthl_ds.optim import Lamb
+
+TOLERANCE = 1e-5
+
+
+def max_relative_difference(a: dict, b: dict, keys) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in keys)
+
+
+def merged(ranks, run):
+    """The whole model from the two ranks: shared tensors from rank 0, each expert from the rank holding it."""
+    return {**ranks[1][run], **ranks[0][run]}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lamb")
+    run_ranks("lamb_ranks.py", 2, [str(out)])
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_matches_timm_lamb_on_whole_tensors():
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    ours, ref = model(), model()
+    groups = lambda m: [{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.05},  # noqa: E731
+                        {"params": [p for p in m.parameters() if p.ndim == 1], "weight_decay": 0.0}]
+    optimizers = [Lamb(groups(ours), lr=0.01), timm.optim.Lamb(groups(ref), lr=0.01, max_grad_norm=None)]
+    for _ in range(5):
+        x = torch.randn(32, 8)
+        for m, o in zip((ours, ref), optimizers):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_unused_tensors_are_left_alone():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    used = torch.nn.Parameter(torch.ones(3, 3))
+    opt = Lamb([w, used], lr=0.1, weight_decay=0.05)
+    w.grad, used.grad = torch.zeros(3, 3), torch.full((3, 3), 0.5)
+    opt.step()
+    assert torch.equal(w, torch.ones(3, 3)) and not torch.equal(used, torch.ones(3, 3))
+    assert not opt.state[w]["exp_avg"].any()
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2"])
+def test_zero_partitions_give_stage0_lamb(ranks, run):
+    for rank in ranks:
+        keys = list(rank["stage0"])
+        dense = [k for k in keys if "deepspeed_experts" not in k]
+        experts = [k for k in keys if "deepspeed_experts" in k]
+        assert dense and experts
+        assert max_relative_difference(rank[run], rank["stage0"], dense) <= TOLERANCE
+        assert max_relative_difference(rank[run], rank["stage0"], experts) <= TOLERANCE
+
+
+def test_two_rank_zero2_equals_one_rank_stage0(ranks):
+    init_distributed()
+    recipe = load_recipe("demo", overrides("stage0_fp32.json", 1))
+    engine, _, _ = build_engine(build_model(recipe), recipe)
+    train(engine, 0, 1)
+    single = weights(engine, 1)
+    two = merged(ranks, "zero2")
+    assert set(single) == set(two)
+    assert max_relative_difference(two, single, list(single)) <= TOLERANCE
+
+
+def test_per_partition_lamb_is_a_different_optimizer(ranks):
+    """The control: DeepSpeed's ZeRO 2 with an ordinary LAMB (one trust ratio per partition)."""
+    differences = [max_relative_difference(r["zero2_timm"], r["stage0_timm"], list(r["stage0_timm"])) for r in ranks]
+    assert min(differences) > 100 * TOLERANCE, differences
+    ours = max(max_relative_difference(r["zero2"], r["stage0"], list(r["stage0"])) for r in ranks)
+    print(f"per-partition LAMB (ZeRO 2) vs stage 0: max relative difference {max(differences):.3g}; ours: {ours:.3g}")

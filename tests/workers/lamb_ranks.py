@@ -1,0 +1,66 @@
+"""2-rank worker: 5 LAMB steps of the demo model (MoE, ep_size 2) under ZeRO 0, 1 and 2 with our LAMB, and
+under ZeRO 0 and 2 with timm's LAMB (DeepSpeed's per-partition behaviour). Each rank saves its weights."""
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from timm.optim import Lamb as TimmLamb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_ranks import global_batch, global_name  # noqa: E402
+
+from mthl_ds.config import load_recipe  # noqa: E402
+from mthl_ds.engine import (build_engine, ds_config, ep_rank, init_distributed, optimizer_groups,  # noqa: E402
+                            triangular_schedule, world)
+from mthl_ds.models.mthl import build_model  # noqa: E402
+
+STEPS = 5
+RUNS = {"stage0": ("stage0_fp32.json", "ours"), "zero1": ("zero1_fp32.json", "ours"),
+        "zero2": ("zero2_fp32.json", "ours"), "stage0_timm": ("stage0_fp32.json", "timm"),
+        "zero2_timm": ("zero2_fp32.json", "timm")}
+
+
+def overrides(ds_config_name: str, ep_size: int) -> list[str]:
+    return ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.drop_tokens=false", "model.moe.losses={}",
+            f"train.ds_config={ds_config_name}", f"train.ep_size={ep_size}", "train.seed=7", "train.lr=0.004",
+            "train.weight_decay=0.05", "train.grad_clip=0.1", "train.warmup_steps=1", "train.steps=100"]
+
+
+def train(engine, rank: int, world_size: int) -> None:
+    per_rank = 8 // world_size
+    for step in range(STEPS):
+        images, labels = global_batch(8, seed=step)
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        engine.module.set_dataset("imagenet")
+        loss = F.cross_entropy(engine(images[part]), labels[part])
+        engine.backward(loss)
+        engine.step()
+
+
+def weights(engine, ep_size: int) -> dict:
+    return {global_name(n, 4 // ep_size, ep_rank(ep_size)): p.detach().clone()
+            for n, p in engine.module.named_parameters()}
+
+
+def run(name: str) -> dict:
+    cfg, which = RUNS[name]
+    recipe = load_recipe("demo", overrides(cfg, 2))
+    model = build_model(recipe, ep_size=2, ep_rank=ep_rank(2))
+    if which == "ours":
+        engine, _, _ = build_engine(model, recipe)
+    else:
+        optimizer = TimmLamb(optimizer_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, max_grad_norm=None)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(recipe, 2),
+                                          lr_scheduler=triangular_schedule(optimizer, 1, 100))
+    rank, size = world()
+    train(engine, rank, size)
+    return weights(engine, 2)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    init_distributed()
+    results = {name: run(name) for name in RUNS}
+    torch.save(results, out / f"rank{world()[0]}.pt")
