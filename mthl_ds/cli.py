@@ -50,14 +50,20 @@ def cmd_shards(args) -> int:
 
 def cmd_bench(args) -> int:
     from mthl_ds.bench.common import markdown_table
-    from mthl_ds.bench.data import run
-    rows = run(count=args.count, repeats=args.repeats)
-    table = markdown_table(rows, ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"])
+    if args.suite == "data":
+        from mthl_ds.bench.data import run
+        rows = run(count=args.count, repeats=args.repeats)
+        columns = ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"]
+    else:
+        from mthl_ds.bench.lamb import run
+        rows = run(repeats=args.repeats)
+        columns = ["benchmark", "candidate", "median_ms", "spread_ms"]
+    table = markdown_table(rows, columns)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_data.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "bench_data.md").write_text(table + "\n")
+        (args.out / f"bench_{args.suite}.json").write_text(json.dumps(rows, indent=1))
+        (args.out / f"bench_{args.suite}.md").write_text(table + "\n")
     return 0
 
 
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("suite", choices=["data"])
+    p.add_argument("suite", choices=["data", "lamb"])
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")

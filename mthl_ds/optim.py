@@ -5,16 +5,16 @@ the optimizer one flat fp32 partition per parameter group, so an ordinary LAMB (
 trust ratio per partition (DeepSpeed issues #88, #490): another optimizer, which changes with the number
 of ranks. Here, after ``deepspeed.initialize``, :func:`attach_zero_layout` tells the optimizer where each
 original tensor's fragment lies in its partition; a step then sums squares per tensor over the fragments
-(``segment_reduce``), completes the norms with one all-reduce over the group's data-parallel group (the
+(one multi-tensor norm over the fragments), completes the norms with one all-reduce over the group's data-parallel group (the
 expert-data-parallel group for expert tensors, as DeepSpeed assigns), and applies each tensor's ratio to
 its fragment. Everything is batched over the partition: no per-tensor Python loop in the hot path.
 
 The math is timm's ``Lamb`` (bias correction, gradient averaging, eps 1e-6, trust ratio only where weight
 decay is non-zero, no clipping of its own: the engine clips). One addition: a tensor whose gradient is
-exactly zero this step (a head or router of another dataset, an expert no token reached) is left alone,
-moments included, as PyTorch optimizers leave a parameter whose ``grad`` is None. DeepSpeed materialises
-zero gradients for unused parameters, and LAMB would otherwise shrink every unused tensor by ``lr`` per
-step (its trust ratio turns a pure weight-decay update into a step of size ``lr * ||w||``).
+exactly zero this step (a head or router of another dataset, an expert no token reached) is not moved
+(its moments still decay, as Adam's do under a zero gradient). DeepSpeed materialises zero gradients for
+unused parameters, and LAMB would otherwise shrink every unused tensor by ``lr`` per step: its trust ratio
+turns a pure weight-decay update into a step of size ``lr * ||w||``.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from torch import Tensor
 class PartitionLayout:
     """Where the tensors of one parameter group lie in this rank's flat partition.
 
-    ``lengths[s]`` elements of segment s belong to tensor ``tensor_ids[s]`` (``num_tensors`` marks padding).
+    ``sizes[s]`` elements of segment s belong to tensor ``tensor_ids[s]`` (``num_tensors`` marks padding).
     """
-    lengths: Tensor
+    sizes: list[int]
     tensor_ids: Tensor
     num_tensors: int
     process_group: object = None
@@ -82,50 +82,48 @@ class Lamb(torch.optim.Optimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        # Per-tensor sums of squares: gradient (to find unused tensors), weight, update.
-        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-        update = (exp_avg / (1 - beta1 ** step)).div_(denom)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        update = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        torch.div(exp_avg, update, out=update).div_(1 - beta1 ** step)
         decay = group["weight_decay"]
         if decay:
             update.add_(p, alpha=decay)
-        squares = [grad * grad, p * p, update * update] if decay else [grad * grad]
-        per_tensor = self._tensor_sums(torch.stack([s.flatten() for s in squares]), layout)  # (rows, tensors)
+        # Per-tensor sums of squares: gradient (a tensor with none was not used this step), weight, update.
+        rows = [grad, p, update] if decay else [grad]
+        per_tensor = self._tensor_sums(rows, layout)
         used = per_tensor[0] > 0
         if decay:
             w_norm, u_norm = per_tensor[1].sqrt(), per_tensor[2].sqrt()
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
             scale = torch.where(used, ratio, torch.zeros_like(ratio))
         else:
-            scale = used.to(update.dtype)
-        keep = self._expand(used, layout, p)
-        state["exp_avg"] = torch.where(keep, exp_avg, state["exp_avg"])
-        state["exp_avg_sq"] = torch.where(keep, exp_avg_sq, state["exp_avg_sq"])
-        p.add_(update * self._expand(scale, layout, p), alpha=-group["lr"])
+            scale = used.float()
+        self._scale_per_tensor(update, scale, layout)
+        p.add_(update, alpha=-group["lr"])
 
     @staticmethod
-    def _tensor_sums(rows: Tensor, layout: Optional[PartitionLayout]) -> Tensor:
-        """Row sums per original tensor: (rows, N) -> (rows, tensors); all-reduced across the partitions."""
+    def _tensor_sums(rows: list[Tensor], layout: Optional[PartitionLayout]) -> Tensor:
+        """Sum of squares of each row per original tensor: (rows, tensors), all-reduced across partitions.
+        On a partition: one multi-tensor norm over the tensors' fragments (views), one all-reduce."""
         if layout is None:
-            return rows.sum(dim=1, keepdim=True)
-        lengths = layout.lengths.to(rows.device).repeat(rows.shape[0])  # the rows back to back, one segment list each
-        per_segment = torch.segment_reduce(rows.float().flatten(), "sum", lengths=lengths).view(rows.shape[0], -1)
-        sums = rows.new_zeros(rows.shape[0], layout.num_tensors + 1, dtype=torch.float32)
-        sums.index_add_(1, layout.tensor_ids.to(rows.device), per_segment)
+            return torch.stack([r.float().pow(2).sum() for r in rows])[:, None]
+        norms = torch.stack([torch.stack(torch._foreach_norm(list(r.split(layout.sizes)))) for r in rows]).float()
+        sums = norms.new_zeros(len(rows), layout.num_tensors + 1)
+        sums.index_add_(1, layout.tensor_ids.to(norms.device), norms.pow(2))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, group=layout.process_group)
         return sums
 
     @staticmethod
-    def _expand(values: Tensor, layout: Optional[PartitionLayout], p: Tensor) -> Tensor:
-        """Per-tensor values back to one per element of ``p``."""
+    def _scale_per_tensor(update: Tensor, scale: Tensor, layout: Optional[PartitionLayout]) -> None:
+        """Multiply each tensor's part of ``update`` by its scale, in place (one multi-tensor op)."""
         if layout is None:
-            return values[0].to(p.dtype if values.dtype != torch.bool else torch.bool)
-        per_segment = values[layout.tensor_ids.to(values.device)]
-        if values.dtype != torch.bool:
-            per_segment = per_segment.to(p.dtype)
-        return torch.repeat_interleave(per_segment, layout.lengths.to(values.device), output_size=p.numel())
+            update.mul_(scale[0].to(update.dtype))
+            return
+        per_segment = scale[layout.tensor_ids.to(scale.device)].to(update.dtype)
+        torch._foreach_mul_(list(update.split(layout.sizes)), list(per_segment.unbind()))
 
 
 def attach_zero_layout(engine) -> None:
@@ -165,5 +163,4 @@ def attach_zero_layout(engine) -> None:
         flat = zero.single_partition_of_fp32_groups[index]
         if sum(lengths) != flat.numel():
             raise RuntimeError(f"ZeRO partition {index} has {flat.numel()} elements, layout covers {sum(lengths)}")
-        inner.layouts[flat] = PartitionLayout(torch.tensor(lengths, dtype=torch.long),
-                                               torch.tensor(ids, dtype=torch.long), padding, group_pg)
+        inner.layouts[flat] = PartitionLayout(lengths, torch.tensor(ids, dtype=torch.long), padding, group_pg)

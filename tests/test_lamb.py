@@ -55,7 +55,6 @@ def test_unused_tensors_are_left_alone():
     w.grad, used.grad = torch.zeros(3, 3), torch.full((3, 3), 0.5)
     opt.step()
     assert torch.equal(w, torch.ones(3, 3)) and not torch.equal(used, torch.ones(3, 3))
-    assert not opt.state[w]["exp_avg"].any()
 
 
 @pytest.mark.parametrize("run", ["zero1", "zero2"])
@@ -86,3 +85,10 @@ def test_per_partition_lamb_is_a_different_optimizer(ranks):
     assert min(differences) > 100 * TOLERANCE, differences
     ours = max(max_relative_difference(r["zero2"], r["stage0"], list(r["stage0"])) for r in ranks)
     print(f"per-partition LAMB (ZeRO 2) vs stage 0: max relative difference {max(differences):.3g}; ours: {ours:.3g}")
+
+
+def test_lamb_benchmark_smoke():
+    from mthl_ds.bench.lamb import run
+    rows = run(repeats=1)
+    assert [r["candidate"].split(",")[0] for r in rows] == ["mthl_ds Lamb", "mthl_ds Lamb", "timm Lamb (foreach)"]
+    assert all(r["median_ms"] > 0 for r in rows)
