@@ -127,6 +127,8 @@ def _read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is not None:
         raw = _merge(_read_raw(base, seen + (str(path),)), raw)
+    if isinstance(raw.get("datasets"), dict):  # `name: null` removes a dataset the base recipe has
+        raw["datasets"] = {k: v for k, v in raw["datasets"].items() if v is not None}
     return raw
 
 

@@ -11,8 +11,18 @@ from mthl_ds.config import ConfigError, list_recipes, load_recipe
 PAPER_RECIPES = [f"mthl{d}_{b}_{s}" for d in ("", "d") for b in ("swin", "davit") for s in "tsb"]
 
 
+SINGLE_TASK = {f"single_{d}_swin_t": d for d in ("imagenet", "coco", "ade20k")}
+
+
+def test_single_task_baselines_hold_one_dataset():
+    for name, dataset in SINGLE_TASK.items():
+        r = load_recipe(name)
+        assert list(r.datasets) == [dataset] and r.model.moe is None
+        assert r.datasets[dataset] == load_recipe("mthld_swin_t").datasets[dataset]
+
+
 def test_recipe_names_and_paper_numbers():
-    assert set(list_recipes()) == set(PAPER_RECIPES) | {"demo"}
+    assert set(list_recipes()) == set(PAPER_RECIPES) | {"demo"} | set(SINGLE_TASK)
     for name in PAPER_RECIPES:
         r = load_recipe(name)
         assert {n: d.sample_weight for n, d in r.datasets.items()} == {"imagenet": 3, "coco": 2, "ade20k": 1}

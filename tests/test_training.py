@@ -105,3 +105,17 @@ def test_config_errors_fail_before_any_process_group(shards, tmp_path, extra, en
     assert message in proc.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written before the checks pass"
     assert time.time() - start < 60
+
+
+def test_plain_python_single_rank_run_and_refused_resume(shards, tmp_path):
+    """`python -m mthl_ds.train` with no launcher is one rank; a changed model cannot resume its folder."""
+    args = ["--out", str(tmp_path / "run")] + [a for o in demo_overrides(shards, steps=2, ckpt_every=2, ep_size=1)
+                                              for a in ("--set", o)]
+    proc = run_train(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "launch" / "rank0.json").read_text())["world"] == 1
+    assert (tmp_path / "run" / "final_metrics.json").is_file()
+    proc = run_train(args + ["--set", "model.moe.top_k=2"], timeout=300)
+    assert proc.returncode == 2
+    assert "written by a different model; refusing to resume" in proc.stderr
+    assert "model.moe.top_k: checkpoint has 4, recipe has 2" in proc.stderr
