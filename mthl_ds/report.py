@@ -30,7 +30,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
         smooth = moving_average([h["loss"] for h in rows], window)
         ax.plot([h["step"] for h in rows][window - 1:], smooth, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"task loss (moving average)")
+    ax.set_ylabel("task loss (moving average)")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mthl_ds.data.pipelines import (IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, image_bytes,
-                                    make_decoder)
+from mthl_ds.data.pipelines import (IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, make_decoder)
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError, convert, convert_world
