@@ -26,7 +26,10 @@ def slurm(tmp_path_factory):
     if proc.returncode != 0:
         pytest.skip(f"a local Slurm could not start here: {proc.stderr[-500:]}")
     conf = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
-    yield dict(os.environ, SLURM_CONF=conf.strip())
+    # jobs get this process's environment (sbatch --export=ALL); keep out the rendezvous of in-process tests
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                               "WORLD_SIZE")}
+    yield dict(env, SLURM_CONF=conf.strip())
     if "started slurmctld" in proc.stderr:  # leave a cluster that was already running as it was
         subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
 
