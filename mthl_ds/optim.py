@@ -10,11 +10,9 @@ expert-data-parallel group for expert tensors, as DeepSpeed assigns), and applie
 its fragment. Everything is batched over the partition: no per-tensor Python loop in the hot path.
 
 The math is timm's ``Lamb`` (bias correction, gradient averaging, eps 1e-6, trust ratio only where weight
-decay is non-zero, no clipping of its own: the engine clips). One addition: a tensor whose gradient is
-exactly zero this step (a head or router of another dataset, an expert no token reached) is not moved
-(its moments still decay, as Adam's do under a zero gradient). DeepSpeed materialises zero gradients for
-unused parameters, and LAMB would otherwise shrink every unused tensor by ``lr`` per step: its trust ratio
-turns a pure weight-decay update into a step of size ``lr * ||w||``.
+decay is non-zero, no clipping of its own: the engine clips). Like every LAMB under DeepSpeed, it also
+moves tensors whose gradient is zero this step (another dataset's head, an expert no token reached): the
+engine materialises their gradients as zeros, and their momentum and weight decay still apply.
 """
 from __future__ import annotations
 
@@ -88,19 +86,12 @@ class Lamb(torch.optim.Optimizer):
         update = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(group["eps"])
         torch.div(exp_avg, update, out=update).div_(1 - beta1 ** step)
         decay = group["weight_decay"]
-        if decay:
+        if decay:  # layer-wise adaptation where there is weight decay, as in timm
             update.add_(p, alpha=decay)
-        # Per-tensor sums of squares: gradient (a tensor with none was not used this step), weight, update.
-        rows = [grad, p, update] if decay else [grad]
-        per_tensor = self._tensor_sums(rows, layout)
-        used = per_tensor[0] > 0
-        if decay:
-            w_norm, u_norm = per_tensor[1].sqrt(), per_tensor[2].sqrt()
+            w_square, u_square = self._tensor_sums([p, update], layout)
+            w_norm, u_norm = w_square.sqrt(), u_square.sqrt()
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-            scale = torch.where(used, ratio, torch.zeros_like(ratio))
-        else:
-            scale = used.float()
-        self._scale_per_tensor(update, scale, layout)
+            self._scale_per_tensor(update, ratio, layout)
         p.add_(update, alpha=-group["lr"])
 
     @staticmethod

@@ -48,15 +48,6 @@ def test_matches_timm_lamb_on_whole_tensors():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_unused_tensors_are_left_alone():
-    w = torch.nn.Parameter(torch.ones(3, 3))
-    used = torch.nn.Parameter(torch.ones(3, 3))
-    opt = Lamb([w, used], lr=0.1, weight_decay=0.05)
-    w.grad, used.grad = torch.zeros(3, 3), torch.full((3, 3), 0.5)
-    opt.step()
-    assert torch.equal(w, torch.ones(3, 3)) and not torch.equal(used, torch.ones(3, 3))
-
-
 @pytest.mark.parametrize("run", ["zero1", "zero2"])
 def test_zero_partitions_give_stage0_lamb(ranks, run):
     for rank in ranks:
