@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import deepspeed
 import torch
@@ -13,16 +14,21 @@ from mthl_ds.optim import Lamb, attach_zero_layout
 
 
 def init_distributed() -> None:
-    """Join the process group the launcher describes (deepspeed, torchrun, srun); a plain process is rank 0 of 1."""
+    """Join the process group the launcher describes (deepspeed, torchrun, srun). A process started without a
+    launcher is rank 0 of 1 on a free loopback port; it ignores the MASTER_* variables, so it cannot collide
+    with a port some other process left in the environment (it sets only LOCAL_RANK, which the engine needs)."""
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def world() -> tuple[int, int]:

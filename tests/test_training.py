@@ -81,9 +81,14 @@ def test_nonfinite_loss_on_one_rank_is_seen_by_all(shards, tmp_path):
         assert "non-finite loss at step 3 on dataset" in message and "rank(s) [1]" in message
 
 
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 def run_train(args, env=None, timeout=120):
+    """`python -m mthl_ds.train` as a user starts it: no launcher variables unless the test gives some."""
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     return subprocess.run([sys.executable, "-m", "mthl_ds.train", "--recipe", "demo", *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+                          text=True, timeout=timeout, env=dict(base, **(env or {})))
 
 
 @pytest.mark.parametrize("extra,env,message", [
