@@ -11,19 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from mthl_ds.config import load_recipe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mthl_ds.engine import free_port
 
 
 def prepare_data(out: Path, seed: int = 0) -> Path:

@@ -23,12 +23,16 @@ def init_distributed() -> None:
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                               init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a rendezvous or a launcher's master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world() -> tuple[int, int]:
@@ -135,20 +139,41 @@ def use_exact_moe_clipping(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
+def distributed() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks into a copy (the tensor itself in a single process)."""
+    if distributed():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average over all ranks (identity in a single process); used for the MI buffers."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return tensor
-    tensor = tensor.clone()
-    torch.distributed.all_reduce(tensor)
-    return tensor / torch.distributed.get_world_size()
+    """Average over all ranks; used for the MI buffers."""
+    return all_reduce_sum(tensor) / world()[1] if distributed() else tensor
+
+
+def all_gather_objects(obj) -> list:
+    if distributed():
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def barrier() -> None:
+    if distributed():
+        torch.distributed.barrier()
 
 
 @torch.no_grad()
 def sync_norm_statistics(module: nn.Module) -> None:
     """Average BatchNorm running statistics over ranks (one collective). DeepSpeed, unlike DDP, leaves them
     per rank; kept equal, they make evaluation rank-independent and checkpoints (saved by rank 0) exact."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if not distributed():
         return
     stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
              for t in (m.running_mean, m.running_var)]

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mthl_ds.data.reader import ShardSet, read_shard
-from mthl_ds.models.heads import IGNORE_INDEX
+from mthl_ds.data.pipelines import IGNORE_INDEX
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 Gather = Callable[[list], list]

@@ -32,7 +32,8 @@ from mthl_ds.data.pipelines import DatasetLoader, PipelineConfig, eval_loader, m
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
-from mthl_ds.engine import all_reduce_mean, build_engine, ep_rank, init_distributed, sync_norm_statistics, world
+from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
+                             init_distributed, sync_norm_statistics, world)
 from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
 from mthl_ds.models.mthl import build_model
 
@@ -121,28 +122,6 @@ def check_resume(ckpt_dir: Path, recipe: Recipe) -> Optional[str]:
         raise ConfigError(f"{ckpt_dir / tag} was written by a different model; refusing to resume:\n  "
                           + "\n  ".join(problems))
     return tag
-
-
-# ------------------------------------------------------------------------------------------------ collectives
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        tensor = tensor.clone()
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def all_gather_objects(obj) -> list:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
 
 
 def rng_state() -> dict:

@@ -21,7 +21,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-IGNORE_INDEX = 255
+from mthl_ds.data.pipelines import IGNORE_INDEX
+
 
 
 class ClassificationHead(nn.Module):
