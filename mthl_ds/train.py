@@ -299,9 +299,11 @@ class Trainer:
 
     # ---- evaluation
     def evaluate(self) -> dict:
+        """Val metrics, read in the rank's own process: a DataLoader worker forked here, after the process group
+        and the training loaders' threads exist, once hung a rank (seen in CI, zero2 resume test)."""
         self.engine.eval()
         results = evaluate(self.engine, self.model, self.recipe, {n: v for n, (_, v) in self.sets.items()},
-                           self.rank, self.world, workers=min(1, self.recipe.train.workers))
+                           self.rank, self.world, workers=0)
         self.engine.train()
         return results
 
