@@ -9,6 +9,8 @@ from pathlib import Path
 
 from mthl_ds.config import ConfigError, list_recipes, load_recipe
 from mthl_ds.data.shards import ShardError
+from mthl_ds.adapt import MODES
+from mthl_ds.export import ExportError
 
 
 def cmd_recipes(args) -> int:
@@ -67,6 +69,97 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mthl_ds.export import export_run, read_metadata
+    path = export_run(args.run_dir, args.out, args.tag)
+    meta = read_metadata(path)
+    m = meta["model"]
+    print(f"{path}: {m['parameters'] / 1e6:.2f}M parameters, {m['moe_layers']} MoE layers, experts "
+          f"{m['experts_per_layer']}, heads {m['heads']} (from {meta['source']['tag']}, step {meta['source']['step']})")
+    return 0
+
+
+def data_arg(text: str) -> tuple[str, Path]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=DIR")
+    name, folder = text.split("=", 1)
+    return name, Path(folder)
+
+
+def shard_set(folder: Path, split: str):
+    """A shard set given directly, or a dataset folder's ``split``."""
+    from mthl_ds.data.reader import INDEX, ShardSet
+    return ShardSet.open(folder if (folder / INDEX).is_file() else folder / split)
+
+
+def cmd_stats(args) -> int:
+    from mthl_ds.export import load_export
+    from mthl_ds.stats import routing_statistics, write_statistics
+    model, meta = load_export(args.model)
+    data = {name: shard_set(folder, args.split) for name, folder in args.data}
+    known = meta["built_from"]["datasets"]
+    sizes = {n: tuple(args.size or known.get(n, {}).get("size") or (meta["built_from"]["model"]["img_size"],) * 2)
+             for n in data}
+    stats = routing_statistics(model, data, sizes, batch_size=args.batch_size, max_images=args.max_images)
+    for path in write_statistics(stats, args.out):
+        print(path)
+    return 0
+
+
+def new_dataset(args, name: str, folder: Path):
+    from mthl_ds.adapt import NewDataset
+    return NewDataset(name, folder, tuple(args.size), args.batch_size)
+
+
+def train_settings(args) -> dict:
+    return {"steps": args.steps, "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "workers": args.workers,
+            "seed": args.seed}
+
+
+def cmd_adapt(args) -> int:
+    from mthl_ds.adapt import run_mode
+    row = run_mode(args.model, new_dataset(args, args.dataset, args.data), args.mode, args.out, train_settings(args))
+    print(json.dumps(row, indent=1))
+    return 0
+
+
+def cmd_expand(args) -> int:
+    from mthl_ds.adapt import phase_recipe, run_phase
+    recipe = phase_recipe(args.model, new_dataset(args, args.dataset, args.data), {"add_experts": args.add_experts},
+                          None, train_settings(args), keep_datasets=True)
+    results, export = run_phase(recipe, args.out)
+    print(f"{export}: {args.dataset} {results[args.dataset]['metric']} {results[args.dataset]['value']:.2f}")
+    return 0
+
+
+def cmd_adapt_report(args) -> int:
+    from mthl_ds.adapt import run_mode, write_table
+    modes = args.modes or [m for m in MODES if "_used" not in m]
+    rows = []
+    for name, folder in args.data:
+        for mode in modes:
+            out = args.out / name / mode
+            if (out / "result.json").is_file() and not args.force:
+                rows.append(json.loads((out / "result.json").read_text()))
+                continue
+            try:
+                rows.append(run_mode(args.model, new_dataset(args, name, folder), mode, out, train_settings(args)))
+            except ConfigError as e:
+                rows.append({"mode": mode, "dataset": name, "error": str(e)})
+            print(f"adapt-report: {name} {mode}: {rows[-1].get('value', rows[-1].get('error'))}", flush=True)
+    print(write_table(rows, args.out))
+    return 0
+
+
+def add_adapt_arguments(p) -> None:
+    p.add_argument("--steps", type=int, default=300, help="training steps per phase")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="input size")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mthl-ds", description="Multi-task heterogeneous learners on DeepSpeed-MoE")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +199,45 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("export", help="consolidate a run's DeepSpeed checkpoint into one safetensors file")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("stats", help="routing statistics of an exported model on data: JSON + heatmaps")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=data_arg, action="append", required=True, metavar="NAME=DIR",
+                   help="a shard set, or a dataset folder holding train/ and val/ (repeatable)")
+    p.add_argument("--split", default="train", help="split read from a dataset folder")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the dataset's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-images", type=int, help="images per dataset (default: all)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_stats)
+    p = sub.add_parser("adapt", help="adapt an exported model to a new dataset (one Table-3 mode)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="the new dataset's folder (train/ and val/ shard sets)")
+    p.add_argument("--dataset", required=True, help="its name (a new router and head)")
+    p.add_argument("--mode", default="routers", choices=list(MODES))
+    p.add_argument("--out", type=Path, required=True)
+    add_adapt_arguments(p)
+    p.set_defaults(fn=cmd_adapt)
+    p = sub.add_parser("expand", help="continual learning: add experts and a router for a new dataset, train only them")
+    p.add_argument("model", type=Path)
+    p.add_argument("--add-experts", type=int, required=True, metavar="C")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    add_adapt_arguments(p)
+    p.set_defaults(fn=cmd_expand)
+    p = sub.add_parser("adapt-report", help="Table 3: every adaptation mode on new datasets, markdown + trade-off plot")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=data_arg, action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--modes", nargs="*", help="default: all but the Table-A1 selection variants")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="re-run modes that already have a result")
+    add_adapt_arguments(p)
+    p.set_defaults(fn=cmd_adapt_report)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -115,6 +247,9 @@ def main(argv=None) -> int:
         return 2
     except ShardError as e:
         print(f"mthl-ds: data error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"mthl-ds: model file error: {e}", file=sys.stderr)
         return 2
 
 

@@ -89,11 +89,28 @@ class TrainConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Start from an exported model and adapt it to the recipe's datasets (``mthl_ds.adapt``). Each dataset the
+    model lacks gets a new router in every MoE layer and a new head; ``model`` is taken from the export."""
+    source: str = ""  # the exported model file (mthl-ds export)
+    keep_datasets: bool = False  # keep the export's own routers and heads (continual learning); else drop them
+    freeze_backbone: bool = True  # train only the datasets' routers and heads plus the parts below; False: all
+    tune_experts: int = 0  # experts per MoE layer trained with the routers
+    selection: Literal["random", "most_used", "least_used"] = "random"  # which experts tune_experts picks
+    prune_fraction: float = 0.0  # remove this share of each layer's experts, least used first
+    prune_threshold: float = 0.0  # remove the experts given less than this share of a layer's routes
+    usage: str = ""  # routing statistics (mthl-ds stats) that pruning and most/least_used selection read
+    add_experts: int = 0  # continual learning: C new experts per MoE layer, trained; old routers never select them
+    adapter_reduction: int = 0  # the adapter baseline: a bottleneck adapter (width dim / this) after each MoE MLP
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelConfig
     datasets: dict[str, DatasetConfig]
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapt: Optional[AdaptConfig] = None
     description: str = ""
 
     def top_k_per_dataset(self) -> dict[str, int]:
@@ -204,6 +221,8 @@ def validate(recipe: Recipe) -> None:
         if moe.num_experts % recipe.train.ep_size:
             raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
                               f"train.ep_size={recipe.train.ep_size}")
+    if recipe.adapt is not None:
+        validate_adapt(recipe.adapt)
     stage = zero_stage(recipe)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{recipe.train.ds_config}: zero_optimization.stage={stage} must be 0, 1, 2 or 3")
@@ -217,6 +236,24 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError(f"datasets.{name}.size={list(d.size)} must be [height, width]")
         if d.sample_weight < 0:
             raise ConfigError(f"datasets.{name}.sample_weight={d.sample_weight} must be >= 0")
+
+
+def validate_adapt(a: AdaptConfig) -> None:
+    if not a.source:
+        raise ConfigError("adapt.source: name the exported model file to start from")
+    if not 0 <= a.prune_fraction < 1:
+        raise ConfigError(f"adapt.prune_fraction={a.prune_fraction} must be in [0, 1)")
+    if not 0 <= a.prune_threshold < 1:
+        raise ConfigError(f"adapt.prune_threshold={a.prune_threshold} must be in [0, 1)")
+    if a.prune_fraction and a.prune_threshold:
+        raise ConfigError("adapt: set prune_fraction or prune_threshold, not both")
+    needs_usage = a.prune_fraction or a.prune_threshold or (a.tune_experts and a.selection != "random")
+    if needs_usage and not a.usage:
+        raise ConfigError("adapt.usage: pruning and most/least_used selection need routing statistics "
+                          "(mthl-ds stats MODEL --data SHARDS --out FILE)")
+    for key in ("tune_experts", "add_experts", "adapter_reduction"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"adapt.{key}={getattr(a, key)} must be >= 0")
 
 
 def ds_config_path(name: str) -> Path:

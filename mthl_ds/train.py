@@ -27,6 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from mthl_ds.adapt import adapted_model, resolve_source
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
@@ -35,7 +36,8 @@ from mthl_ds.data.shards import ShardError
 from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
                              init_distributed, sync_norm_statistics, world)
 from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
-from mthl_ds.models.mthl import build_model
+from mthl_ds.models.mthl import MTHLModel, build_model
+from mthl_ds.surgery import shard_experts
 
 log = logging.getLogger("mthl_ds.train")
 POINTER = "latest_complete"
@@ -90,7 +92,15 @@ def model_signature(recipe: Recipe) -> dict:
     """What must not change when a run resumes: the model and each dataset's task and classes."""
     return {"model": dataclasses.asdict(recipe.model),
             "datasets": {n: {"task": d.task, "num_classes": d.num_classes, "top_k": d.top_k}
-                         for n, d in recipe.datasets.items()}}
+                         for n, d in recipe.datasets.items()},
+            "adapt": dataclasses.asdict(recipe.adapt) if recipe.adapt else None}
+
+
+def build_run_model(recipe: Recipe, ep_size: int, ep_rank: int) -> MTHLModel:
+    """The recipe's model from scratch, or, with an ``adapt`` section, the export it names after surgery."""
+    if recipe.adapt is None:
+        return build_model(recipe, ep_size=ep_size, ep_rank=ep_rank)
+    return shard_experts(adapted_model(recipe), ep_size, ep_rank)
 
 
 def diff(saved, current, prefix="") -> list[str]:
@@ -210,20 +220,21 @@ class Trainer:
 
     # ---- set-up
     def setup(self) -> None:
-        r = self.recipe
+        self.recipe = r = resolve_source(self.recipe)
         check_world(r, launch_world_size())
         self.sets = open_shards(r, launch_world_size())
         resume_tag = check_resume(self.ckpt_dir, r)
         init_distributed()
         self.rank, self.world = world()
         torch.manual_seed(r.train.seed)
-        model = build_model(r, ep_size=r.train.ep_size, ep_rank=ep_rank(r.train.ep_size))
+        model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
         self.engine, self.optimizer, self.scheduler = build_engine(model, r)
         self.model = self.engine.module
         self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed)
         self.step, loader_states = 0, {}
-        self.usage = {n: torch.zeros(len(self.model.backbone.moe_layers), r.model.moe.num_experts)
-                      for n in r.datasets} if r.model.moe else {}
+        layers = self.model.backbone.moe_layers
+        widest = max((layer.num_experts for layer in layers), default=0)
+        self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
         if resume_tag:
             loader_states = self.load(resume_tag)
         self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
@@ -277,7 +288,7 @@ class Trainer:
         self.engine.step()
         sync_norm_statistics(self.model.heads[name])
         for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
-            gate_usage += layer.gate.counts.float()
+            gate_usage[:layer.num_experts] += layer.gate.counts.float()
         seconds = time.perf_counter() - start
         record.update(seconds=seconds, images_per_s=r.datasets[name].batch_size * self.world / seconds)
         return record
@@ -319,7 +330,9 @@ class Trainer:
         if self.rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
             (self.ckpt_dir / tag / "run.json").write_text(json.dumps(
                 {"step": self.step, "world_size": self.world, "signature": model_signature(self.recipe),
-                 "recipe": recipe_to_dict(self.recipe)}, indent=1, default=list))
+                 "recipe": recipe_to_dict(self.recipe),
+                 "model": {"built_from": self.model.built_from, "surgery": self.model.surgery}},
+                indent=1, default=list))
             tmp = self.ckpt_dir / f".{POINTER}.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.ckpt_dir / POINTER)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mthl_ds.config import Recipe
+from mthl_ds.config import Recipe, recipe_to_dict
 from mthl_ds.models.backbone import MoEBackbone, build_backbone
 from mthl_ds.models.heads import build_head
 
@@ -16,6 +16,8 @@ class MTHLModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.tasks = dict(tasks)
+        self.built_from: dict = {}  # the recipe (as a dict) the model was built from, before any surgery
+        self.surgery: list[dict] = []  # mthl_ds.surgery rules applied since, in order
 
     @property
     def dataset(self) -> str | None:
@@ -37,4 +39,6 @@ def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0) -> MTHLModel
                               ep_rank=ep_rank, seed=recipe.train.seed)
     heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes, d.aux_weight, d.head_channels)
              for name, d in recipe.datasets.items()}
-    return MTHLModel(backbone, heads, {name: d.task for name, d in recipe.datasets.items()})
+    model = MTHLModel(backbone, heads, {name: d.task for name, d in recipe.datasets.items()})
+    model.built_from = recipe_to_dict(recipe)
+    return model

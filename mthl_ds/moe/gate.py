@@ -34,18 +34,30 @@ class RoutingContext:
 
 
 class Router(nn.Module):
-    """``x -> logits`` over experts: a linear map, or a small MLP when ``hidden > 0``. Runs in float32."""
+    """``x -> logits``: a linear map, or a small MLP when ``hidden > 0``. Runs in float32.
 
-    def __init__(self, dim: int, num_experts: int, hidden: int = 0):
+    Logit ``i`` selects the layer's expert ``choices[i]``. A fresh router has one logit per expert
+    (``choices = 0..E-1``); surgery changes that: after pruning, a removed expert's logit stays with
+    ``choices = -1``, in the softmax but never selected, so Eq. 2's gate values of the kept experts do not
+    change; after experts are added, an old router has no logit for them and can never select them.
+    """
+
+    def __init__(self, dim: int, num_experts: int, hidden: int = 0, choices: Optional[Sequence[int]] = None):
         super().__init__()
+        choices = list(range(num_experts)) if choices is None else list(choices)
         self.hidden = nn.Linear(dim, hidden) if hidden else None
-        self.proj = nn.Linear(hidden or dim, num_experts, bias=False)
+        self.proj = nn.Linear(hidden or dim, len(choices), bias=False)
+        self.register_buffer("choices", torch.tensor(choices, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
         if self.hidden is not None:
             x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
         return F.linear(x, self.proj.weight.float())
+
+    def selectable(self) -> Tensor:
+        """Indices of the logits that select an expert."""
+        return (self.choices >= 0).nonzero().flatten()
 
 
 class PerDatasetGate(nn.Module):
@@ -92,7 +104,7 @@ class PerDatasetGate(nn.Module):
             raise ValueError(f"unknown router loss {sorted(unknown)}; choose from {L.LOSS_NAMES}")
         if coefs.get("load", 0) > 0 and noise_std <= 0:
             raise ValueError("the load loss needs noisy gating: set noise_std > 0")
-        self.num_experts = num_experts
+        self.dim, self.num_experts, self.router_hidden = dim, num_experts, router_hidden
         self.datasets = list(datasets)
         self.top_k = dict(top_k)
         self.capacity_factor = capacity_factor
@@ -128,28 +140,40 @@ class PerDatasetGate(nn.Module):
         name = self.context.dataset
         if name is None:
             raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
+        if name not in self.routers:
+            raise KeyError(f"this layer has no router for dataset {name!r}; it routes {sorted(self.routers)}")
         k = self.top_k[name]
-        clean = self.routers[name](x)
+        router = self.routers[name]
+        clean = router(x)
         logits = clean
         if self.training and self.noise_std > 0:
             logits = clean + torch.randn_like(clean) * self.noise_std
+        # Routes and capacity over the logits that select an expert; positions are then mapped to experts.
+        selectable = router.selectable()
+        targets = router.choices[selectable]
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        l_aux, capacity, num_experts, indices, locations, gates, counts = topkgating(
-            logits, k, factor, self.min_capacity, self.drop_tokens, self.ep_group, sparse_routes=True)
+        l_aux, capacity, _, positions, locations, gates, counts = topkgating(
+            logits[:, selectable], k, factor, self.min_capacity, self.drop_tokens, self.ep_group, sparse_routes=True)
+        kept = positions >= 0
+        position = positions.long().clamp(min=0)
+        indices = torch.where(kept, targets[position], -1).to(positions.dtype)
         probs = logits.softmax(dim=1)
         if not self.renormalize:
-            kept = indices >= 0
-            gates = probs.t().gather(0, indices.long().clamp(min=0)) * kept
-        self.counts = counts
+            gates = probs[:, selectable].t().gather(0, position) * kept
+        self.counts = torch.zeros(self.num_experts, dtype=counts.dtype, device=counts.device).index_add_(
+            0, targets, counts)
         if self.training:
-            self._router_losses(name, k, probs, clean, logits, l_aux)
-        return l_aux, capacity, num_experts, indices, locations, gates, counts
+            self._router_losses(name, k, probs[:, selectable], targets, clean[:, selectable],
+                                logits[:, selectable], clean, l_aux)
+        return l_aux, capacity, self.num_experts, indices, locations, gates, self.counts
 
-    def _router_losses(self, name: str, k: int, probs: Tensor, clean: Tensor, logits: Tensor,
-                       l_aux: Tensor) -> None:
+    def _router_losses(self, name: str, k: int, probs: Tensor, targets: Tensor, clean: Tensor, logits: Tensor,
+                       all_clean: Tensor, l_aux: Tensor) -> None:
+        """Losses over the selectable logits (``probs``, ``clean``, ``logits``; ``targets`` their experts)."""
         top_vals, top_idx = probs.topk(k, dim=1)
         topk_gates = torch.zeros_like(probs).scatter(1, top_idx, top_vals)  # G(x) of Eq. 2
-        usage = topk_gates.mean(0)
+        usage = torch.zeros(self.num_experts, dtype=probs.dtype, device=probs.device).index_add(
+            0, targets, topk_gates.mean(0))
         usage = usage / usage.sum().clamp(min=1e-9)  # P(E | D_i)
         row = self.dataset_index(name)
         losses = {}
@@ -164,7 +188,7 @@ class PerDatasetGate(nn.Module):
         if "load" in self.loss_coefs:
             losses["load"] = L.load_loss(clean, logits, self.noise_std, k)
         if "zloss" in self.loss_coefs:
-            losses["zloss"] = L.z_loss(clean)
+            losses["zloss"] = L.z_loss(all_clean)
         self.losses = losses
         if self._recorded_forward != self.context.forward_id:
             self._recorded_forward = self.context.forward_id
@@ -179,3 +203,65 @@ class PerDatasetGate(nn.Module):
         m = self.mi_momentum
         target = usage.to(self.routing_joint) / len(self.datasets)
         self.routing_joint[row].mul_(m).add_(target, alpha=1 - m)
+
+    # ---- surgery: single-device, between runs (mthl_ds.surgery applies it to a whole model)
+    @torch.no_grad()
+    def add_router(self, name: str, k: int) -> None:
+        """A new router for ``name`` over all experts, and a row for it in ``B(D, E)``.
+
+        The old rows are scaled by M / (M + 1) (each dataset's share of the joint) and the new row starts
+        uniform over the experts; momentum then moves it to the dataset's measured routing.
+        """
+        if not DATASET_NAME.match(name):
+            raise ValueError(f"dataset name {name!r} must be an identifier (letters, digits, _)")
+        if name in self.routers:
+            raise ValueError(f"this layer already has a router for dataset {name!r}")
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"top_k={k} for dataset {name!r} must be between 1 and num_experts={self.num_experts}")
+        self.routers[name] = Router(self.dim, self.num_experts, self.router_hidden).to(self.routing_joint.device)
+        self.top_k[name] = k
+        if name not in self.datasets:
+            m = len(self.datasets)
+            row = torch.full((1, self.num_experts), 1.0 / ((m + 1) * self.num_experts))
+            self.routing_joint = torch.cat([self.routing_joint * m / (m + 1), row.to(self.routing_joint)])
+            self.datasets.append(name)
+
+    def remove_router(self, name: str) -> None:
+        """Drop ``name``'s router; its row of ``B(D, E)`` stays (the MI loss of new datasets still uses it)."""
+        del self.routers[name]
+        del self.top_k[name]
+
+    def set_top_k(self, name: str, k: int) -> None:
+        selectable = len(self.routers[name].selectable())
+        if not 1 <= k <= selectable:
+            raise ValueError(f"top_k={k} for dataset {name!r} must be between 1 and its {selectable} selectable experts")
+        self.top_k[name] = k
+
+    def pruned_choices(self, kept: Sequence[int]) -> dict[str, Tensor]:
+        """Each router's ``choices`` once only the experts ``kept`` (old indices, in their new order) remain;
+        refused if a router would be left fewer experts than its K. Changes nothing."""
+        remap = torch.full((self.num_experts + 1,), -1, dtype=torch.long)
+        remap[torch.tensor(list(kept), dtype=torch.long)] = torch.arange(len(kept))
+        choices = {}
+        for name, router in self.routers.items():
+            choices[name] = remap[router.choices.cpu()]  # -1 (already unselectable) reads remap[-1] = -1
+            left = int((choices[name] >= 0).sum())
+            if left < self.top_k[name]:
+                raise ValueError(f"pruning to {len(kept)} experts leaves the router of {name!r} {left} experts, "
+                                 f"fewer than its top_k={self.top_k[name]}")
+        return choices
+
+    @torch.no_grad()
+    def keep_experts(self, kept: Sequence[int]) -> None:
+        """Re-index to the experts ``kept``; a removed expert's logit stays in its router's softmax, unselectable."""
+        for name, choices in self.pruned_choices(kept).items():
+            self.routers[name].choices = choices.to(self.routers[name].choices.device)
+        self.routing_joint = self.routing_joint[:, list(kept)].clone()
+        self.num_experts = len(kept)
+
+    @torch.no_grad()
+    def add_experts(self, count: int) -> None:
+        """``count`` new experts at the end. Existing routers have no logit for them, so never select them."""
+        extra = torch.zeros(len(self.datasets), count, dtype=self.routing_joint.dtype, device=self.routing_joint.device)
+        self.routing_joint = torch.cat([self.routing_joint, extra], dim=1)
+        self.num_experts += count

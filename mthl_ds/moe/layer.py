@@ -1,7 +1,10 @@
 """The MoE MLP: DeepSpeed's ``MoE`` with our per-dataset gate, a drop-in for timm's ``Mlp``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import Tensor, nn
@@ -36,7 +39,8 @@ class MoEMlp(MoE):
         super().__init__(hidden_size=dim, expert=Mlp(dim, hidden, act_layer=act_layer), num_experts=num_experts,
                          ep_size=ep_size, k=1)
         self.deepspeed_moe.gate = gate  # replaces DeepSpeed's TopKGate
-        self.dim, self.hidden = dim, hidden
+        self.dim, self.hidden, self.act_layer = dim, hidden, act_layer
+        self.adapter: Optional[Adapter] = None  # the adapter baseline (Houlsby et al.), added by surgery
 
     @property
     def gate(self) -> PerDatasetGate:
@@ -48,7 +52,46 @@ class MoEMlp(MoE):
         return self.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.deepspeed_moe(x, None)
+        out = self.deepspeed_moe(x, None)
+        return out if self.adapter is None else out + self.adapter(out)
+
+    # ---- surgery: single device (ep_size 1), between runs; mthl_ds.surgery applies it to a whole model
+    def set_mlps(self, mlps: list[nn.Module]) -> None:
+        """Hold exactly ``mlps`` as this layer's experts (all of them: ep_size must be 1)."""
+        if self.ep_size != 1:
+            raise ValueError(f"expert surgery needs the single-device model (ep_size 1), this layer has ep_size {self.ep_size}")
+        for mlp in mlps:
+            for param in mlp.parameters():  # what DeepSpeed's Experts marks on its parameters
+                param.allreduce, param.group_name = False, self.expert_group_name
+        experts = self.deepspeed_moe.experts
+        experts.deepspeed_experts = nn.ModuleList(mlps)
+        experts.num_local_experts = self.deepspeed_moe.num_local_experts = self.num_local_experts = len(mlps)
+        self.num_experts = len(mlps)
+
+    def check_kept(self, kept: list[int]) -> None:
+        if not kept or len(set(kept)) != len(kept) or not all(0 <= e < self.num_experts for e in kept):
+            raise ValueError(f"kept experts {kept} must be distinct indices in 0..{self.num_experts - 1}")
+        self.gate.pruned_choices(kept)
+
+    @torch.no_grad()
+    def keep_experts(self, kept: list[int]) -> None:
+        """Keep the experts ``kept`` (in that order); routers are re-indexed (see ``PerDatasetGate.keep_experts``)."""
+        self.check_kept(kept)
+        self.gate.keep_experts(kept)
+        self.set_mlps([self.local_mlps[e] for e in kept])
+
+    @torch.no_grad()
+    def add_experts(self, count: int, seed: int) -> None:
+        """``count`` new experts after the existing ones, initialised like fresh ones (keyed on their index)."""
+        first = self.num_experts
+        new = [Mlp(self.dim, self.hidden, act_layer=self.act_layer) for _ in range(count)]
+        for index, mlp in enumerate(new, start=first):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            for fc in (mlp.fc1, mlp.fc2):
+                nn.init.trunc_normal_(fc.weight, std=0.02, generator=gen)
+                nn.init.zeros_(fc.bias)
+        self.gate.add_experts(count)
+        self.set_mlps(list(self.local_mlps) + new)
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:
@@ -85,3 +128,18 @@ class MoEMlp(MoE):
             mlp.fc1.bias.copy_(dense.fc1.bias[rows])
             mlp.fc2.weight.copy_(dense.fc2.weight[:, rows] * scale)
             mlp.fc2.bias.copy_(dense.fc2.bias)
+
+
+class Adapter(nn.Module):
+    """A bottleneck adapter ``x -> up(gelu(down(x)))``, added to the MoE MLP's output. ``up`` starts at zero,
+    so a fresh adapter leaves the model's outputs unchanged."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(F.gelu(self.down(x)))
