@@ -18,7 +18,7 @@ import yaml
 
 from mthl_ds import surgery
 from mthl_ds.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from mthl_ds.export import ExportError, load_export, read_metadata
+from mthl_ds.export import ExportError, load_export, read_metadata, source_recipe
 from mthl_ds.models.mthl import MTHLModel
 
 # ------------------------------------------------------------------------------------------- one adapt recipe
@@ -29,16 +29,10 @@ def resolve_source(recipe: Recipe) -> Recipe:
     if recipe.adapt is None:
         return recipe
     try:
-        meta = read_metadata(Path(recipe.adapt.source))
+        model = source_recipe(read_metadata(Path(recipe.adapt.source)), recipe.adapt.source).model
     except ExportError as e:
         raise ConfigError(f"adapt.source: {e}") from None
-    source = build_recipe(meta)
-    return dataclasses.replace(recipe, model=source.model)
-
-
-def build_recipe(meta: dict) -> Recipe:
-    from mthl_ds.config import _coerce
-    return _coerce(dict(meta["built_from"]), Recipe, "")
+    return dataclasses.replace(recipe, model=model)
 
 
 def per_layer_usage(recipe: Recipe, name: str, layers: int) -> list[torch.Tensor]:
@@ -98,15 +92,13 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
         rules += [{"op": "drop_dataset", "name": n} for n in model.heads if n not in recipe.datasets]
     apply(model, rules)
     layers = model.backbone.moe_layers
-    usage = {}
-    if a.usage:
-        usage = {n: per_layer_usage(recipe, n, len(layers)) for n in recipe.datasets}
+    # pruning and most/least-used selection follow the routing of the recipe's first dataset
+    usage = per_layer_usage(recipe, next(iter(recipe.datasets)), len(layers)) if a.usage else None
     rules = []
-    target = next(iter(recipe.datasets))
     if a.prune_fraction or a.prune_threshold:
-        kept = [kept_experts(u, a.prune_fraction, a.prune_threshold) for u in usage[target]]
+        kept = [kept_experts(u, a.prune_fraction, a.prune_threshold) for u in usage]
         rules.append({"op": "keep_experts", "kept": kept})
-        usage = {n: [u[k] for u, k in zip(us, kept)] for n, us in usage.items()}
+        usage = [u[k] for u, k in zip(usage, kept)]
     for name, d in recipe.datasets.items():
         if d.top_k and layers and d.top_k != layers[0].gate.top_k[name]:
             rules.append({"op": "set_top_k", "name": name, "k": d.top_k})
@@ -117,7 +109,7 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
         tuned = []
         for index, layer in enumerate(layers):
             if a.tune_experts:
-                layer_usage = usage[target][index] if usage else torch.zeros(layer.num_experts)
+                layer_usage = usage[index] if usage else torch.zeros(layer.num_experts)
                 if a.tune_experts > layer.num_experts:
                     raise ConfigError(f"adapt.tune_experts={a.tune_experts} but MoE layer {index} has {layer.num_experts} experts")
                 tuned.append(chosen_experts(layer_usage, a.tune_experts, a.selection, recipe.train.seed * 1009 + index))
@@ -182,19 +174,20 @@ class NewDataset:
     shards: Path
     size: tuple[int, int]
     batch_size: int = 16
+    head_channels: int = 0  # 0: the mmdet/mmseg head width
 
     def config(self, top_k: Optional[int]) -> dict:
         from mthl_ds.data.reader import ShardSet
         index = ShardSet.open(self.shards / "train").index
         return {"task": index["task"], "num_classes": index["num_classes"], "shards": str(self.shards.resolve()),
                 "size": list(self.size), "batch_size": self.batch_size, "top_k": top_k, "sample_weight": 1.0,
-                "head_channels": 64}
+                "head_channels": self.head_channels}
 
 
 def phase_recipe(source: Path, data: NewDataset, adapt: dict, top_k: Optional[int], train: dict,
                  usage: Optional[Path] = None, keep_datasets: bool = False) -> dict:
     meta = read_metadata(source)
-    base = recipe_to_dict(build_recipe(meta))
+    base = recipe_to_dict(source_recipe(meta, str(source)))
     section = {"source": str(source.resolve()), "keep_datasets": keep_datasets, **ROUTERS, **adapt}
     if usage is not None:
         section["usage"] = str(usage.resolve())

@@ -122,15 +122,19 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def build_from(meta: dict, where: str) -> MTHLModel:
-    """The single-device model ``meta`` (``built_from`` + ``surgery``) describes, freshly initialised."""
+def source_recipe(meta: dict, where: str) -> Recipe:
+    """The recipe the exported model was first built from."""
     try:
         recipe = _coerce(dict(meta["built_from"]), Recipe, "")
         validate(recipe)
     except ConfigError as e:
         raise ExportError(f"{where}: the recipe in the metadata is not usable: {e}") from None
-    model = build_model(recipe)
-    return surgery.apply(model, meta["surgery"])
+    return recipe
+
+
+def build_from(meta: dict, where: str) -> MTHLModel:
+    """The single-device model ``meta`` (``built_from`` + ``surgery``) describes, freshly initialised."""
+    return surgery.apply(build_model(source_recipe(meta, where)), meta["surgery"])
 
 
 def check_state(model: MTHLModel, state: dict, where: str) -> None:

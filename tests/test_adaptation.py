@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import demo_overrides, run_ranks
+from conftest import run_ranks
 
 from mthl_ds import surgery
 from mthl_ds.adapt import NewDataset, phase_recipe, run_mode, run_phase
@@ -29,7 +29,7 @@ def source(tmp_path_factory):
 
 
 def pets(shards, **kw):
-    return NewDataset("pets", shards / "pets", (64, 64), batch_size=4, **kw)
+    return NewDataset("pets", shards / "pets", (64, 64), batch_size=4, head_channels=64, **kw)
 
 
 @torch.no_grad()

@@ -159,3 +159,26 @@ def test_two_nodes_on_loopback(shards, tmp_path):
     assert [(r["rank"], r["world"], r["RANK"], r["LOCAL_RANK"], r["CROSS_RANK"], r["CROSS_SIZE"]) for r in ranks] == [
         (0, 2, "0", "0", "0", "2"), (1, 2, "1", "0", "1", "2")]
     assert (tmp_path / "run" / "final_metrics.json").is_file()
+
+
+def test_export_and_adapt_jobs_chain_after_training(slurm, shards, uninterrupted):
+    """export.sbatch after the finished run, adapt.sbatch after the export (Slurm dependencies)."""
+    run_dir, train_job = uninterrupted
+    env = dict(slurm, RUN_DIR=str(run_dir), VENV=sys.prefix)
+    common = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug", "--time=30"]
+    export_job = subprocess.run(common + [f"--dependency=afterok:{train_job}", f"--output={run_dir}/export-%j.out",
+                                          "slurm/export.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                check=True).stdout.strip().split(";")[0]
+    out = run_dir.parent / "pets-routers"
+    adapt_env = dict(env, MODEL=str(run_dir / "model.safetensors"), DATA=str(shards / "pets"), DATASET="pets",
+                     OUT=str(out), ADAPT_ARGS="--steps 4 --workers 0 --batch-size 4")
+    adapt_job = subprocess.run(common + [f"--dependency=afterok:{export_job}", f"--output={run_dir}/adapt-%j.out",
+                                         "slurm/adapt.sbatch"], cwd=ROOT, env=adapt_env, capture_output=True,
+                               text=True, check=True).stdout.strip().split(";")[0]
+    assert wait_for(slurm, export_job, run_dir) == "COMPLETED", (run_dir / f"export-{export_job}.out").read_text()
+    assert wait_for(slurm, adapt_job, run_dir) == "COMPLETED", (run_dir / f"adapt-{adapt_job}.out").read_text()[-3000:]
+    from mthl_ds.export import read_metadata
+    meta = read_metadata(run_dir / "model.safetensors")
+    assert meta["source"]["step"] == STEPS and meta["source"]["world_size"] == 2
+    result = json.loads((out / "result.json").read_text())
+    assert result["mode"] == "routers" and result["dataset"] == "pets" and 0 < result["trainable_params"] < 200_000
