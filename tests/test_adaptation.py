@@ -259,3 +259,10 @@ def test_adapt_recipe_errors_name_the_key(shards, source):
         load_recipe("demo", ["adapt.source=x.safetensors", "adapt.prune_fraction=0.5"])
     with pytest.raises(ConfigError, match="adapt.source"):
         load_recipe("demo", ["adapt.freeze_backbone=false"])
+
+
+def test_export_cli_refuses_a_run_without_checkpoint(tmp_path, capsys):
+    from mthl_ds.cli import main
+    assert main(["export", str(tmp_path / "empty_run"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "empty_run has no complete checkpoint" in err and not (tmp_path / "m.safetensors").exists()

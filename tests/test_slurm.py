@@ -161,20 +161,23 @@ def test_two_nodes_on_loopback(shards, tmp_path):
     assert (tmp_path / "run" / "final_metrics.json").is_file()
 
 
-def test_export_and_adapt_jobs_chain_after_training(slurm, shards, uninterrupted):
-    """export.sbatch after the finished run, adapt.sbatch after the export (Slurm dependencies)."""
-    run_dir, train_job = uninterrupted
+def submit(env, args):
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug",
+                           "--time=30", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def test_export_and_adapt_jobs_chain(slurm, shards, uninterrupted):
+    """export.sbatch on the finished run, then adapt.sbatch waiting on it (a Slurm dependency)."""
+    run_dir, _ = uninterrupted
     env = dict(slurm, RUN_DIR=str(run_dir), VENV=sys.prefix)
-    common = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug", "--time=30"]
-    export_job = subprocess.run(common + [f"--dependency=afterok:{train_job}", f"--output={run_dir}/export-%j.out",
-                                          "slurm/export.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                check=True).stdout.strip().split(";")[0]
+    export_job = submit(env, [f"--output={run_dir}/export-%j.out", "slurm/export.sbatch"])
     out = run_dir.parent / "pets-routers"
     adapt_env = dict(env, MODEL=str(run_dir / "model.safetensors"), DATA=str(shards / "pets"), DATASET="pets",
                      OUT=str(out), ADAPT_ARGS="--steps 4 --workers 0 --batch-size 4")
-    adapt_job = subprocess.run(common + [f"--dependency=afterok:{export_job}", f"--output={run_dir}/adapt-%j.out",
-                                         "slurm/adapt.sbatch"], cwd=ROOT, env=adapt_env, capture_output=True,
-                               text=True, check=True).stdout.strip().split(";")[0]
+    adapt_job = submit(adapt_env, [f"--dependency=afterok:{export_job}", f"--output={run_dir}/adapt-%j.out",
+                                   "slurm/adapt.sbatch"])
     assert wait_for(slurm, export_job, run_dir) == "COMPLETED", (run_dir / f"export-{export_job}.out").read_text()
     assert wait_for(slurm, adapt_job, run_dir) == "COMPLETED", (run_dir / f"adapt-{adapt_job}.out").read_text()[-3000:]
     from mthl_ds.export import read_metadata
