@@ -66,8 +66,14 @@ def drop_dataset(model: MTHLModel, name: str) -> None:
 
 
 def set_top_k(model: MTHLModel, name: str, k: int) -> None:
-    for layer in model.backbone.moe_layers:
-        layer.gate.set_top_k(name, k)
+    gates = [layer.gate for layer in model.backbone.moe_layers]
+    for index, gate in enumerate(gates):  # check every layer before changing any
+        selectable = len(gate.routers[name].selectable())
+        if not 1 <= k <= selectable:
+            raise ValueError(f"MoE layer {index}: top_k={k} for {name!r} must be between 1 and its {selectable} "
+                             "selectable experts")
+    for gate in gates:
+        gate.set_top_k(name, k)
 
 
 def keep_experts(model: MTHLModel, kept: list[list[int]]) -> None:

@@ -37,7 +37,7 @@ from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum,
                              init_distributed, sync_norm_statistics, world)
 from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
 from mthl_ds.models.mthl import MTHLModel, build_model
-from mthl_ds.surgery import shard_experts
+from mthl_ds.surgery import SurgeryError, shard_experts
 
 log = logging.getLogger("mthl_ds.train")
 POINTER = "latest_complete"
@@ -100,7 +100,10 @@ def build_run_model(recipe: Recipe, ep_size: int, ep_rank: int) -> MTHLModel:
     """The recipe's model from scratch, or, with an ``adapt`` section, the export it names after surgery."""
     if recipe.adapt is None:
         return build_model(recipe, ep_size=ep_size, ep_rank=ep_rank)
-    return shard_experts(adapted_model(recipe), ep_size, ep_rank)
+    try:
+        return shard_experts(adapted_model(recipe), ep_size, ep_rank)
+    except SurgeryError as e:
+        raise ConfigError(f"train.ep_size={ep_size}: {e}") from None
 
 
 def diff(saved, current, prefix="") -> list[str]:

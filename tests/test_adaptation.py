@@ -203,8 +203,10 @@ def test_continual_learning_keeps_old_outputs_bit_identical(shards, source, tmp_
     inputs = fixed_inputs()
     old_model, _ = load_export(source)
     reference = outputs(old_model, inputs)
-    recipe = phase_recipe(source, pets(shards), {"add_experts": 2}, None, ADAPT_TRAIN, keep_datasets=True)
-    run_phase(recipe, tmp_path / "expand")
+    from mthl_ds.cli import main
+    assert main(["expand", str(source), "--add-experts", "2", "--dataset", "pets", "--data", str(shards / "pets"),
+                 "--out", str(tmp_path / "expand"), "--steps", "6", "--lr", "0.01", "--workers", "0",
+                 "--batch-size", "4"]) == 0
     model, meta = load_export(tmp_path / "expand" / "model.safetensors")
     assert meta["model"]["experts_per_layer"] == [14] * 5 and "imagenet" in meta["model"]["heads"]
     after = outputs(model, inputs)
@@ -238,6 +240,11 @@ def test_routing_statistics_and_heatmaps(shards, source, tmp_path):
     assert sim.shape == (3, 3) and torch.allclose(sim.diagonal(), torch.ones(3)) and (sim <= 1).all()
     paths = write_statistics(stats, tmp_path / "stats")
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths) and len(paths) == 3
+    from mthl_ds.cli import main
+    assert main(["stats", str(source), "--data", f"ade20k={shards / 'ade20k'}", "--split", "val", "--max-images", "4",
+                 "--out", str(tmp_path / "cli")]) == 0
+    written = json.loads((tmp_path / "cli" / "routing_stats.json").read_text())
+    assert written["images"] == {"ade20k": 4} and sum(written["layers"][-1]["usage"]["ade20k"]) == 4 * 4 * 4
 
 
 def test_two_phase_prune_mode_reports_table3_figures(shards, source, tmp_path):

@@ -42,12 +42,11 @@ class Router(nn.Module):
     change; after experts are added, an old router has no logit for them and can never select them.
     """
 
-    def __init__(self, dim: int, num_experts: int, hidden: int = 0, choices: Optional[Sequence[int]] = None):
+    def __init__(self, dim: int, num_experts: int, hidden: int = 0):
         super().__init__()
-        choices = list(range(num_experts)) if choices is None else list(choices)
         self.hidden = nn.Linear(dim, hidden) if hidden else None
-        self.proj = nn.Linear(hidden or dim, len(choices), bias=False)
-        self.register_buffer("choices", torch.tensor(choices, dtype=torch.long))
+        self.proj = nn.Linear(hidden or dim, num_experts, bias=False)
+        self.register_buffer("choices", torch.arange(num_experts))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
