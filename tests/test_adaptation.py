@@ -160,6 +160,20 @@ def test_pruning_keeps_exactly_the_kept_experts_and_leaves_other_tokens_unchange
     assert (layer.gate(x)[3] < 6).all()
 
 
+def test_threshold_pruning_leaves_layers_of_different_widths_that_train():
+    model = build_model(load_recipe("demo"))
+    layers = len(model.backbone.moe_layers)
+    surgery.apply(model, [{"op": "keep_experts", "kept": [list(range(12 - i)) for i in range(layers)]}])
+    assert [layer.num_experts for layer in model.backbone.moe_layers] == [12 - i for i in range(layers)]
+    model.train()
+    model.set_dataset("imagenet")
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    before = [layer.gate.routing_joint.clone() for layer in model.backbone.moe_layers]
+    model.backbone.update_routing_buffers()
+    for layer, old in zip(model.backbone.moe_layers, before):
+        assert layer.gate.routing_joint.shape == old.shape and not torch.equal(layer.gate.routing_joint[0], old[0])
+
+
 def test_pruning_below_top_k_is_refused_and_changes_nothing():
     model = build_model(load_recipe("demo"))
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -127,10 +127,11 @@ class MoEBackbone(nn.Module):
         gates = [layer.gate for layer in self.moe_layers if layer.gate.pending_usage is not None]
         if not gates:
             return
-        usage = torch.stack([g.pending_usage[1] for g in gates])
+        usage = [g.pending_usage[1] for g in gates]  # layers may differ in width after pruning
+        flat = torch.cat(usage)
         if reduce_mean is not None:
-            usage = reduce_mean(usage)
-        for gate, row in zip(gates, usage):
+            flat = reduce_mean(flat)
+        for gate, row in zip(gates, flat.split([u.numel() for u in usage])):
             gate.fold_usage(row, gate.pending_usage[0])
             gate.pending_usage = None
 
