@@ -87,15 +87,12 @@ def save_export(path: Path, model: MTHLModel, source: dict) -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "built_from": model.built_from, "surgery": model.surgery, "source": source,
             "model": describe(model)}
-    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+    # one fresh, contiguous float32 copy per tensor (safetensors refuses tensors that share storage)
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone(memory_format=torch.contiguous_format)
              for k, v in model.state_dict().items()}
-    return write_file(path, state, meta)
-
-
-def write_file(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.clone() for k, v in state.items()}, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
     os.replace(tmp, path)
     return path
 
