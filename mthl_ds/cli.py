@@ -52,7 +52,12 @@ def cmd_shards(args) -> int:
 
 def cmd_bench(args) -> int:
     from mthl_ds.bench.common import markdown_table
-    if args.suite == "data":
+    if args.suite == "all":
+        from mthl_ds.bench.suite import COLUMNS, run
+        only = set(args.only.split(",")) if args.only else None
+        rows = run(smoke=args.smoke, repeats=args.repeats, only=only)
+        columns = COLUMNS
+    elif args.suite == "data":
         from mthl_ds.bench.data import run
         rows = run(count=args.count, repeats=args.repeats)
         columns = ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"]
@@ -195,7 +200,10 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("suite", choices=["data", "lamb"])
+    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb"],
+                   help="all: the suite B1-B8 (+ GPU section with CUDA); data / lamb: one benchmark in detail")
+    p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8,GPU)")
+    p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")

@@ -62,6 +62,7 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
+            whole = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -69,10 +70,47 @@ class Lamb(torch.optim.Optimizer):
                 if self.partitioned and layout is None:
                     raise RuntimeError(f"LAMB param group {group.get('name')!r} holds a ZeRO partition without a "
                                        "layout: call attach_zero_layout(engine) after deepspeed.initialize")
-                self._update(p, group, layout)
+                if layout is None:
+                    whole.append(p)
+                else:
+                    self._update(p, group, layout)
+            for chunk in cache_sized(whole):
+                self._update_whole(chunk, group)
         return loss
 
-    def _update(self, p: Tensor, group: dict, layout: Optional[PartitionLayout]) -> None:
+    def _update_whole(self, params: list[Tensor], group: dict) -> None:
+        """The same update as ``_update`` on whole tensors, as multi-tensor ops over a cache-sized chunk: a
+        model with many small tensors (E experts per layer) pays per-op overhead once per chunk, and every op
+        of the chunk finds its tensors in cache."""
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in params]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        update = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(update, math.sqrt(1 - beta2 ** step))
+        torch._foreach_add_(update, group["eps"])
+        torch._foreach_reciprocal_(update)  # then times exp_avg: no second buffer the size of the model
+        torch._foreach_mul_(update, exp_avg)
+        torch._foreach_div_(update, 1 - beta1 ** step)
+        decay = group["weight_decay"]
+        if decay:
+            torch._foreach_add_(update, params, alpha=decay)
+            w_norm = torch.stack(torch._foreach_norm(params)).float()
+            u_norm = torch.stack(torch._foreach_norm(update)).float()
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            torch._foreach_mul_(update, list(ratio.to(params[0].dtype).unbind()))
+        torch._foreach_add_(params, update, alpha=-group["lr"])
+
+    def _update(self, p: Tensor, group: dict, layout: PartitionLayout) -> None:
+        """One ZeRO partition (a flat fragment of many tensors) with its layout."""
         beta1, beta2 = group["betas"]
         step = group["step"]
         grad = p.grad.float() if p.grad.dtype != p.dtype else p.grad
@@ -95,11 +133,9 @@ class Lamb(torch.optim.Optimizer):
         p.add_(update, alpha=-group["lr"])
 
     @staticmethod
-    def _tensor_sums(rows: list[Tensor], layout: Optional[PartitionLayout]) -> Tensor:
-        """Sum of squares of each row per original tensor: (rows, tensors), all-reduced across partitions.
-        On a partition: one multi-tensor norm over the tensors' fragments (views), one all-reduce."""
-        if layout is None:
-            return torch.stack([r.float().pow(2).sum() for r in rows])[:, None]
+    def _tensor_sums(rows: list[Tensor], layout: PartitionLayout) -> Tensor:
+        """Sum of squares of each row per original tensor: (rows, tensors), all-reduced across partitions:
+        one multi-tensor norm over the tensors' fragments (views), one all-reduce."""
         norms = torch.stack([torch.stack(torch._foreach_norm(list(r.split(layout.sizes)))) for r in rows]).float()
         sums = norms.new_zeros(len(rows), layout.num_tensors + 1)
         sums.index_add_(1, layout.tensor_ids.to(norms.device), norms.pow(2))
@@ -108,13 +144,22 @@ class Lamb(torch.optim.Optimizer):
         return sums
 
     @staticmethod
-    def _scale_per_tensor(update: Tensor, scale: Tensor, layout: Optional[PartitionLayout]) -> None:
+    def _scale_per_tensor(update: Tensor, scale: Tensor, layout: PartitionLayout) -> None:
         """Multiply each tensor's part of ``update`` by its scale, in place (one multi-tensor op)."""
-        if layout is None:
-            update.mul_(scale[0].to(update.dtype))
-            return
         per_segment = scale[layout.tensor_ids.to(scale.device)].to(update.dtype)
         torch._foreach_mul_(list(update.split(layout.sizes)), list(per_segment.unbind()))
+
+
+def cache_sized(params: list[Tensor], numel: int = 1 << 18) -> list[list[Tensor]]:
+    """Consecutive chunks of ``params`` of about ``numel`` elements (1 MiB of float32); a larger tensor alone."""
+    chunks, current, size = [], [], 0
+    for p in params:
+        if current and size + p.numel() > numel:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel()
+    return chunks + [current] if current else chunks
 
 
 def attach_zero_layout(engine) -> None:

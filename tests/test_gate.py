@@ -91,6 +91,39 @@ def test_layer_output_matches_reference(renormalize):
     torch.testing.assert_close(y.double(), expected.reshape(3, 10, 12), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_layer_forward_equals_deepspeed_moe_layer(capacity_factor):
+    """Our dispatch / batched experts / combine against DeepSpeed's own MOELayer forward on the same gate
+    routes: outputs and every gradient (input, experts, router), with routes dropped over capacity, a
+    pruned logit and a frozen expert."""
+    torch.manual_seed(4)
+    gate = make_gate(k=2, num_experts=6, dim=12, capacity_factor=capacity_factor, loss_coefs={"mi": 1.0})
+    layer = MoEMlp(12, 8, 6, gate)
+    layer.init_weights(seed=5)
+    layer.keep_experts([0, 1, 2, 4, 5])  # expert 3's logit stays in the softmax, unselectable
+    layer.local_mlps[1].requires_grad_(False)
+    x = torch.randn(4, 15, 12)
+    weight = torch.linspace(-1, 1, 12)
+
+    def run(forward):
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        ((out * weight).sum() + gate.weighted_loss()).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+        return out.detach(), inp.grad, grads
+
+    ours, stock = run(layer), run(lambda t: layer.deepspeed_moe(t, None))
+    slots = 5 * math.ceil(capacity_factor * 2 * 60 / 5)
+    assert (gate.counts.sum() > slots) == (capacity_factor == 0.5)  # routes were dropped at 0.5 only
+    torch.testing.assert_close(ours[0], stock[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], stock[1], rtol=1e-5, atol=1e-6)
+    assert ours[2].keys() == stock[2].keys() and not any("deepspeed_experts.1." in n for n in ours[2])
+    for name in ours[2]:
+        torch.testing.assert_close(ours[2][name], stock[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ours[2]["deepspeed_moe.gate.routers.a.proj.weight"].abs().sum() > 0
+
+
 def test_only_current_router_gets_gradient():
     torch.manual_seed(2)
     gate = make_gate(loss_coefs={"mi": 1.0, "zloss": 1e-3})

@@ -1,0 +1,31 @@
+"""The benchmark suite's code path at tiny sizes: every row present with sane values (no time is asserted)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from mthl_ds.bench.suite import COLUMNS
+
+
+def test_bench_suite_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "mthl_ds.cli", "bench", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "bench_all.json").read_text())
+    assert "| id | benchmark |" in proc.stdout and (tmp_path / "bench_all.md").read_text().count("\n") == len(rows) + 2
+    ids = [r["id"] for r in rows]
+    assert {"peak", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= set(ids)
+    assert ids.count("B3") == ids.count("B8") == 3  # one per demo dataset
+    for r in rows:
+        assert set(COLUMNS) <= set(r)
+        if r["ratio"] is not None:
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+        if r["target"]:
+            assert isinstance(r["met"], bool), r
+    by_id = {r["id"]: r for r in rows}
+    assert 1e8 < by_id["peak"]["peak_flop_per_s"] < 1e14
+    assert all(0 < r["mfu"] < 1 for r in rows if r["id"] == "B8")
+    assert len(by_id["B7"]["max_rss"]) == 2 and all(m > 100 * 2 ** 20 for m in by_id["B7"]["max_rss"])
+    assert "single_partition_of_fp32_groups" in by_id["B6"]["work"]  # ZeRO's own buffers were counted
