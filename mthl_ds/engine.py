@@ -28,6 +28,15 @@ def init_distributed() -> None:
                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def launcher_free_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables a launcher set, for a child process that
+    must start (or join) its own process group."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (for a rendezvous or a launcher's master port)."""
     with socket.socket() as s:

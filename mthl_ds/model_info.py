@@ -47,12 +47,17 @@ def figures(model: MTHLModel, recipe: Recipe) -> dict:
     }
 
 
+def dense_twin(recipe: Recipe) -> Recipe:
+    """The recipe with every MoE MLP replaced by the dense MLP it was FLOPs-matched to (MTHL.D)."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, moe=None))
+
+
 def model_info(recipe: Recipe) -> dict:
     info = figures(build_model(recipe), recipe)
     if recipe.model.moe is None:
         info["dense"] = dict(info)
     else:
-        dense = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, moe=None))
+        dense = dense_twin(recipe)
         info["dense"] = figures(build_model(dense), dense)
     return info
 

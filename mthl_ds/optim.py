@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -85,12 +84,7 @@ class Lamb(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         step = group["step"]
         grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in params]
-        for p in params:
-            if not self.state[p]:
-                self.state[p]["exp_avg"] = torch.zeros_like(p)
-                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        exp_avg = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        exp_avg, exp_avg_sq = map(list, zip(*(self._moments(p) for p in params)))
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
@@ -103,22 +97,25 @@ class Lamb(torch.optim.Optimizer):
         decay = group["weight_decay"]
         if decay:
             torch._foreach_add_(update, params, alpha=decay)
-            w_norm = torch.stack(torch._foreach_norm(params)).float()
-            u_norm = torch.stack(torch._foreach_norm(update)).float()
-            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            ratio = trust_ratio(torch.stack(torch._foreach_norm(params)).float(),
+                                torch.stack(torch._foreach_norm(update)).float())
             torch._foreach_mul_(update, list(ratio.to(params[0].dtype).unbind()))
         torch._foreach_add_(params, update, alpha=-group["lr"])
+
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``p``'s Adam moments (exp_avg, exp_avg_sq), zeros on its first step."""
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state["exp_avg"], state["exp_avg_sq"]
 
     def _update(self, p: Tensor, group: dict, layout: PartitionLayout) -> None:
         """One ZeRO partition (a flat fragment of many tensors) with its layout."""
         beta1, beta2 = group["betas"]
         step = group["step"]
         grad = p.grad.float() if p.grad.dtype != p.dtype else p.grad
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = self._moments(p)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         update = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(group["eps"])
@@ -127,9 +124,7 @@ class Lamb(torch.optim.Optimizer):
         if decay:  # layer-wise adaptation where there is weight decay, as in timm
             update.add_(p, alpha=decay)
             w_square, u_square = self._tensor_sums([p, update], layout)
-            w_norm, u_norm = w_square.sqrt(), u_square.sqrt()
-            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-            self._scale_per_tensor(update, ratio, layout)
+            self._scale_per_tensor(update, trust_ratio(w_square.sqrt(), u_square.sqrt()), layout)
         p.add_(update, alpha=-group["lr"])
 
     @staticmethod
@@ -148,6 +143,11 @@ class Lamb(torch.optim.Optimizer):
         """Multiply each tensor's part of ``update`` by its scale, in place (one multi-tensor op)."""
         per_segment = scale[layout.tensor_ids.to(scale.device)].to(update.dtype)
         torch._foreach_mul_(list(update.split(layout.sizes)), list(per_segment.unbind()))
+
+
+def trust_ratio(w_norm: Tensor, u_norm: Tensor) -> Tensor:
+    """LAMB's per-tensor ``||w|| / ||update||``, 1 where either norm is 0 (as in timm)."""
+    return torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
 
 
 def cache_sized(params: list[Tensor], numel: int = 1 << 18) -> list[list[Tensor]]:

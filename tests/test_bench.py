@@ -1,17 +1,17 @@
 """The benchmark suite's code path at tiny sizes: every row present with sane values (no time is asserted)."""
 import json
 import math
-import os
 import subprocess
 import sys
 
 from mthl_ds.bench.suite import COLUMNS
+from mthl_ds.engine import launcher_free_env
 
 
 def test_bench_suite_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "mthl_ds.cli", "bench", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=launcher_free_env(),
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "bench_all.json").read_text())
     assert "| id | benchmark |" in proc.stdout and (tmp_path / "bench_all.md").read_text().count("\n") == len(rows) + 2

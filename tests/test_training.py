@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, demo_overrides, free_port, run_ranks
+from mthl_ds.engine import launcher_free_env
 
 
 def train_cli(run_dir, overrides, nprocs=2, timeout=600):
@@ -81,12 +82,9 @@ def test_nonfinite_loss_on_one_rank_is_seen_by_all(shards, tmp_path):
         assert "non-finite loss at step 3 on dataset" in message and "rank(s) [1]" in message
 
 
-LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
 def run_train(args, env=None, timeout=120):
     """`python -m mthl_ds.train` as a user starts it: no launcher variables unless the test gives some."""
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    base = launcher_free_env()
     return subprocess.run([sys.executable, "-m", "mthl_ds.train", "--recipe", "demo", *args], capture_output=True,
                           text=True, timeout=timeout, env=dict(base, **(env or {})))
 

@@ -65,9 +65,9 @@ def state_bytes(engine, name: str, batch: dict) -> dict[str, int]:
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen: set = set()
     parts = {"param.grad": sum(tensor_bytes(p.grad, seen, skip) for p in params)}
-    optimizer = engine.optimizer
-    for holder in (optimizer, getattr(optimizer, "optimizer", None)):
-        for attr, value in vars(holder).items() if holder is not None else ():
+    holders = [engine.optimizer] + ([engine.optimizer.optimizer] if hasattr(engine.optimizer, "optimizer") else [])
+    for holder in holders:  # DeepSpeed's ZeRO optimizer and the LAMB inside it, or our LAMB alone at stage 0
+        for attr, value in vars(holder).items():
             if attr != "param_groups":
                 parts[f"{type(holder).__name__}.{attr}"] = tensor_bytes(value, seen, skip)
     engine.step()

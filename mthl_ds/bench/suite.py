@@ -31,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mthl_ds.bench.common import side_by_side
 from mthl_ds.config import Recipe, load_recipe
+from mthl_ds.engine import free_port, launcher_free_env
+from mthl_ds.model_info import dense_twin
 from mthl_ds.moe.gate import PerDatasetGate
 from mthl_ds.moe.layer import MoEMlp
 
@@ -137,10 +139,6 @@ def train_step(model, optimizer, name: str, batch: dict) -> Callable[[], None]:
     return step
 
 
-def dense_twin(recipe: Recipe) -> Recipe:
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, moe=None))
-
-
 def demo_rows(recipe: Recipe, repeats: int, peak: float) -> tuple[list[dict], dict]:
     from mthl_ds.engine import optimizer_groups
     from mthl_ds.models.mthl import build_model
@@ -176,9 +174,7 @@ def demo_rows(recipe: Recipe, repeats: int, peak: float) -> tuple[list[dict], di
 def rank_results(steps: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        from mthl_ds.engine import free_port
-        launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+        env = launcher_free_env()
         env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "mthl_ds.bench.ranks", str(out), str(steps), str(repeats)]
@@ -211,7 +207,7 @@ def data_rows(count: int, repeats: int, demo_step_s: dict, recipe: Recipe) -> li
     from mthl_ds.bench.data import run as data_run
     pipeline = data_run(count=count, repeats=repeats)
     cls = pipeline[0]
-    rows = [row("B5", cls["benchmark"].removeprefix("B5 "), cls["candidate"], cls["baseline"], cls["throughput_ratio"],
+    rows = [row("B5", cls["benchmark"], cls["candidate"], cls["baseline"], cls["throughput_ratio"],
                 target=">= 0.9", met=cls["throughput_ratio"] >= 0.9, work="images/s, one worker")]
     name = next(n for n, d in recipe.datasets.items() if d.task == "classification")
     consumed = recipe.datasets[name].batch_size / demo_step_s[name]
@@ -224,6 +220,18 @@ def data_rows(count: int, repeats: int, demo_step_s: dict, recipe: Recipe) -> li
 
 
 # ---- GPU section
+def cuda_median_s(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` on the GPU (synchronised), after one warm-up call."""
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
 def gpu_rows(repeats: int) -> list[dict]:
     """Swin-T MTHL at the paper's per-GPU batches in fp16 / bf16 and fused LAMB vs ours (CUDA only)."""
     from deepspeed.ops.lamb import FusedLamb
@@ -244,29 +252,15 @@ def gpu_rows(repeats: int) -> list[dict]:
             model.set_dataset(name)
             step = lambda: step_loss(model, name, batch).backward()  # noqa: E731
             flops = counted_flops(step)
-            times = []
-            for _ in range(repeats + 1):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            seconds = sorted(times[1:])[len(times[1:]) // 2]
+            seconds = cuda_median_s(step, repeats)
             rows.append(row("GPU", f"Swin-T MTHL fwd+bwd, {name} batch {size}, {dtype}", f"{size / seconds:.0f} img/s",
                             f"matmul peak {peak / 1e12:.0f} TFLOP/s", flops / seconds / peak, work="MFU"))
     params = [p for p in build_model(recipe).backbone.cuda().parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     for label, opt in (("DeepSpeed FusedLamb", FusedLamb(params, lr=1e-3)), ("mthl_ds Lamb", Lamb(params, lr=1e-3))):
-        times = []
-        for _ in range(repeats + 1):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            opt.step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
         rows.append(row("GPU", "LAMB step on Swin-T backbone parameters", label,
-                        f"{1e3 * sorted(times[1:])[len(times[1:]) // 2]:.2f} ms"))
+                        f"{1e3 * cuda_median_s(opt.step, repeats):.2f} ms"))
     return rows
 
 

@@ -67,10 +67,10 @@ class MoEMlp(MoE):
         _, capacity, num_experts, indices, locations, gates, _ = self.gate(tokens, None, True, False)
         capacity = int(capacity)
         kept = indices >= 0
-        slots = torch.where(kept, indices.long() * capacity + locations.long(), 0)  # [K, S]
-        token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(slots)
+        kept_slots = (indices.long() * capacity + locations.long())[kept]
+        token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices)
         source = torch.zeros(num_experts * capacity, dtype=torch.long, device=x.device)
-        source.scatter_(0, slots[kept], token_ids[kept])
+        source.scatter_(0, kept_slots, token_ids[kept])
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
@@ -81,7 +81,7 @@ class MoEMlp(MoE):
         # Each slot's output weighted by its gate (0 for an empty slot), added back onto its token: the
         # same index as the dispatch. Half-precision outputs are combined in float32, as DeepSpeed does.
         slot_gates = torch.zeros(num_experts * capacity, dtype=torch.float32, device=x.device)
-        slot_gates.scatter_(0, slots[kept], gates[kept].float())
+        slot_gates.scatter_(0, kept_slots, gates[kept].float())
         weighted = outputs.float() * slot_gates.unsqueeze(1)
         combined = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, source, weighted)
         combined = combined.to(outputs.dtype)
