@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port
-from test_training import LAUNCHER_VARIABLES, checkpoint_tensors
+from test_training import checkpoint_tensors
+
+from mthl_ds.engine import launcher_free_env
 
 STEPS, EVERY = 60, 20
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -27,8 +29,7 @@ def slurm(tmp_path_factory):
         pytest.skip(f"a local Slurm could not start here: {proc.stderr[-500:]}")
     conf = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
     # jobs get this process's environment (sbatch --export=ALL); keep out the rendezvous of in-process tests
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    yield dict(env, SLURM_CONF=conf.strip())
+    yield dict(launcher_free_env(), SLURM_CONF=conf.strip())
     if "started slurmctld" in proc.stderr:  # leave a cluster that was already running as it was
         subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
 
