@@ -48,7 +48,7 @@ def run(shards: dict[str, Path] | None = None, count: int = 400, repeats: int = 
         torch.set_num_threads(1)
         cls_cfg = PipelineConfig("classification", (size, size))
         result = side_by_side(lambda: pipeline_loop(cls, cls_cfg, count), lambda: bare_loop(jpegs, size), repeats)
-        rows = [{"benchmark": "classification pipeline vs bare decode+crop (1 worker)",
+        rows = [{"benchmark": "B5 classification pipeline vs bare decode+crop (1 worker)",
                  "candidate": f"{count / result['candidate_s']:.0f} img/s", "baseline": f"{count / result['baseline_s']:.0f} img/s",
                  "ratio (throughput)": f"{1 / result['ratio_median']:.2f} [{1 / result['ratio_max']:.2f}, {1 / result['ratio_min']:.2f}]",
                  "target": ">= 0.9", "images_per_s": count / result["candidate_s"], "throughput_ratio": 1 / result["ratio_median"]}]

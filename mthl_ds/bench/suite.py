@@ -207,7 +207,7 @@ def data_rows(count: int, repeats: int, demo_step_s: dict, recipe: Recipe) -> li
     from mthl_ds.bench.data import run as data_run
     pipeline = data_run(count=count, repeats=repeats)
     cls = pipeline[0]
-    rows = [row("B5", cls["benchmark"], cls["candidate"], cls["baseline"], cls["throughput_ratio"],
+    rows = [row("B5", cls["benchmark"].removeprefix("B5 "), cls["candidate"], cls["baseline"], cls["throughput_ratio"],
                 target=">= 0.9", met=cls["throughput_ratio"] >= 0.9, work="images/s, one worker")]
     name = next(n for n, d in recipe.datasets.items() if d.task == "classification")
     consumed = recipe.datasets[name].batch_size / demo_step_s[name]
