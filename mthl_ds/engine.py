@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -22,10 +23,27 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        return
-    os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    else:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if backend == "gloo":
+        release_shm_buffer()
+
+
+def release_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer.
+
+    On the CPU accelerator, DeepSpeed maps a ~70 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file per rank
+    (named after MASTER_ADDR / MASTER_PORT) when all ranks are on one node, and never removes it: every run
+    left ~70 MB per rank in /dev/shm, which is RAM, until a later run's ranks were killed (seen in CI). Once
+    every rank has mapped its peers' buffers (they do so inside ``init_distributed``; the barrier waits for
+    all), the names can go: the mappings stay valid and the memory is freed when the ranks exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    torch.distributed.barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")

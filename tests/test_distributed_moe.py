@@ -1,12 +1,17 @@
 """Real DeepSpeed engines on 2 gloo ranks: expert parallelism and the all-reduced MI buffers."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_ranks
+from conftest import ROOT, WORKERS, run_ranks
 from workers.moe_ranks import EP_OVERRIDES, global_batch
 
 from mthl_ds.config import load_recipe
+from mthl_ds.engine import free_port, launcher_free_env
 from mthl_ds.models.mthl import build_model
 
 
@@ -46,3 +51,17 @@ def test_mi_buffers_identical_on_both_ranks_and_survive_checkpoint(ranks):
         assert not torch.allclose(b0[name], torch.full_like(b0[name], b0[name].mean())), "buffer never updated"
         assert torch.equal(ranks[0]["buffer"]["loaded"][name], b0[name])
         assert torch.equal(ranks[1]["buffer"]["loaded"][name], b1[name])
+
+
+def test_deepspeed_launcher_ranks_leave_no_shared_memory(tmp_path):
+    """DeepSpeed's CPU backend maps a ~70 MB /dev/shm buffer per rank under its launcher (which sets LOCAL_SIZE)
+    and never removes it; engine.init_distributed removes the names once every rank has mapped them."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(WORKERS / "init_ranks.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(launcher_free_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0/2 sum 2" in proc.stdout and "rank 1/2 sum 2" in proc.stdout
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the ranks left DeepSpeed shared-memory buffers in /dev/shm: {left}"

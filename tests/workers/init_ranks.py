@@ -1,0 +1,8 @@
+"""Join the process group the deepspeed launcher describes, all-reduce one tensor, print the sum."""
+import torch
+
+from mthl_ds.engine import all_reduce_sum, init_distributed, world
+
+init_distributed()
+rank, size = world()
+print(f"rank {rank}/{size} sum {float(all_reduce_sum(torch.ones(1)).item()):.0f}", flush=True)
