@@ -129,7 +129,8 @@ def apply(model: MTHLModel, rules: list[dict]) -> None:
 
 
 def trainable_names(model: MTHLModel, datasets: list[str], experts: list[list[int]]) -> list[str]:
-    """The routers and heads of ``datasets``, the listed experts of each MoE layer, and every adapter."""
+    """The routers (MoE MLP and MoE attention) and heads of ``datasets``, the listed experts of each MoE layer,
+    and every adapter."""
     layer_names = {id(m): n for n, m in model.named_modules()}
     prefixes = [f"heads.{n}." for n in datasets]
     for layer, chosen in zip(model.backbone.moe_layers, experts):
@@ -137,6 +138,8 @@ def trainable_names(model: MTHLModel, datasets: list[str], experts: list[list[in
         prefixes += [f"{base}.deepspeed_moe.gate.routers.{n}." for n in datasets]
         prefixes += [f"{base}.deepspeed_moe.experts.deepspeed_experts.{e}." for e in chosen]
         prefixes.append(f"{base}.adapter.")
+    for layer in model.backbone.attention_layers:
+        prefixes += [f"{layer_names[id(layer)]}.gate.routers.{n}." for n in datasets]
     return [n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))]
 
 

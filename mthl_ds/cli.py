@@ -29,7 +29,7 @@ def cmd_model_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from mthl_ds.demo import run_demo
-    return run_demo(args.out, overrides=tuple(args.set))
+    return run_demo(args.out, overrides=tuple(args.set), recipe=args.recipe)
 
 
 def cmd_synth(args) -> int:
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_model_info)
     p = sub.add_parser("demo", help="synthetic world -> shards -> 2-rank training (ZeRO 2, LAMB, ep 2) -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--recipe", default="demo", help="demo (MTHL), demo_adamv (AdaMV-MoE) or demo_modsquad (Mod-Squad)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("synth", help="write the synthetic world in the datasets' real layouts")

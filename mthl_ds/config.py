@@ -24,12 +24,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class AttentionMoEConfig:
+    """Mod-Squad's MoE attention: in the blocks ``moe.layers`` names, the attention becomes E attention
+    experts (each its own query and output projection over shared keys and values), top-K per token by the
+    dataset's router. ViT backbones only (timm ``Attention``); off unless ``model.moe.attention`` is set."""
+    num_experts: int = 15
+    top_k: int = 6
+    head_dim: int = 0  # width of one attention expert; 0: block width / top_k (FLOPs-matched, Mod-Squad A3)
+    losses: dict[str, float] = field(default_factory=lambda: {"mi": 0.01})
+
+
+@dataclass
 class MoEConfig:
     """Which MLPs become MoE MLPs and how they route. Every value is the paper's default."""
     num_experts: int = 12
     top_k: int = 4
-    # "paper": every MLP for T/S backbones, every second for B; or "all", "every_second", or MLP indices
-    layers: Union[Literal["paper", "all", "every_second"], tuple[int, ...]] = "paper"
+    # "paper": every MLP for T/S backbones, every second for B; "all"; "every_second" (AdaMV-MoE's "every two");
+    # AdaMV-MoE's "early" / "middle" / "later" halves of the blocks; or block indices
+    layers: Union[Literal["paper", "all", "every_second", "early", "middle", "later"], tuple[int, ...]] = "paper"
     hidden_divisor: Optional[int] = None  # expert hidden = dense hidden / this; None: / top_k (FLOPs-matched)
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
@@ -41,6 +53,7 @@ class MoEConfig:
     mi_momentum: float = 0.98
     losses: dict[str, float] = field(default_factory=lambda: {"mi": 0.01})
     upcycle: Optional[Literal["copy", "split"]] = None
+    attention: Optional[AttentionMoEConfig] = None  # Mod-Squad MoE attention in the same blocks; None: off
 
 
 @dataclass
@@ -69,6 +82,17 @@ class DatasetConfig:
 
 
 @dataclass
+class AESConfig:
+    """AdaMV-MoE's adaptive expert selection (Algorithm 1): each dataset's K starts at its top_k (1 in the
+    paper), grows by one when the dataset's held-out loss has not improved for ``patience`` steps, steps back
+    once when a growth did not help, then stays fixed."""
+    patience: int = 2000  # Δn, in training steps
+    every: int = 200  # held-out losses are measured every this many steps
+    holdout: float = 0.01  # share of each dataset's training samples held out (never trained on)
+    max_batches: int = 0  # held-out batches per dataset and check; 0: all of them
+
+
+@dataclass
 class TrainConfig:
     steps: int = 240_000
     optimizer: Literal["lamb", "adamw"] = "lamb"
@@ -86,6 +110,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
+    aes: Optional[AESConfig] = None  # adaptive K per dataset (AdaMV-MoE); None: K stays as configured
 
 
 @dataclass
@@ -221,6 +246,23 @@ def validate(recipe: Recipe) -> None:
         if moe.num_experts % recipe.train.ep_size:
             raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
                               f"train.ep_size={recipe.train.ep_size}")
+        att = moe.attention
+        if att is not None:
+            if not recipe.model.backbone.startswith("vit"):
+                raise ConfigError(f"model.moe.attention: MoE attention needs a ViT backbone (timm Attention blocks); "
+                                  f"{recipe.model.backbone!r} has none")
+            if not 1 <= att.top_k <= att.num_experts:
+                raise ConfigError(f"model.moe.attention.top_k={att.top_k} must be between 1 and "
+                                  f"num_experts={att.num_experts}")
+    aes = recipe.train.aes
+    if aes is not None:
+        if moe is None:
+            raise ConfigError("train.aes: adaptive expert selection needs MoE layers (model.moe is null)")
+        if not 0 < aes.holdout < 1:
+            raise ConfigError(f"train.aes.holdout={aes.holdout} must be in (0, 1)")
+        for key in ("patience", "every"):
+            if getattr(aes, key) < 1:
+                raise ConfigError(f"train.aes.{key}={getattr(aes, key)} must be >= 1")
     if recipe.adapt is not None:
         validate_adapt(recipe.adapt)
     stage = zero_stage(recipe)

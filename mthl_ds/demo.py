@@ -34,16 +34,17 @@ def prepare_data(out: Path, seed: int = 0) -> Path:
     return shards
 
 
-def run_demo(out: Path, overrides: tuple[str, ...] = (), ranks: int = 2) -> int:
+def run_demo(out: Path, overrides: tuple[str, ...] = (), ranks: int = 2, recipe: str = "demo") -> int:
+    """``recipe``: the demo (MTHL) or a recipe built on it, e.g. demo_adamv (AdaMV-MoE), demo_modsquad (Mod-Squad)."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    load_recipe("demo", overrides)  # refuse a bad override before any work
+    load_recipe(recipe, overrides)  # refuse a bad recipe or override before any work
     start = time.time()
     shards = prepare_data(out)
     print(f"demo: data ready in {time.time() - start:.0f} s ({shards})", flush=True)
     shutil.rmtree(out / "run", ignore_errors=True)  # each demo trains from scratch; the data is reused
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "mthl_ds.train", "--recipe", "demo", "--out", str(out / "run"),
+           str(free_port()), "--module", "mthl_ds.train", "--recipe", recipe, "--out", str(out / "run"),
            "--set", f"train.data_root={shards}"]
     for o in overrides:
         cmd += ["--set", o]

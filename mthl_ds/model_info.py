@@ -23,6 +23,10 @@ def active_params(model: MTHLModel, dataset: str) -> int:
         unused += sum(count(r.parameters()) for name, r in gate.routers.items() if name != dataset)
         per_mlp = count(layer.local_mlps[0].parameters())
         unused += (layer.num_experts - gate.top_k[dataset]) * per_mlp
+    for layer in model.backbone.attention_layers:  # an attention expert: its query and output projection slices
+        unused += sum(count(r.parameters()) for name, r in layer.gate.routers.items() if name != dataset)
+        per_head = layer.head_dim * (2 * layer.dim + (layer.query.bias is not None))
+        unused += (layer.num_experts - layer.gate.top_k[dataset]) * per_head
     return total - unused
 
 

@@ -5,7 +5,7 @@ source model before the weights are loaded. Rules run on the single-device model
 :func:`shard_experts` then cuts it for expert parallelism.
 
     {"op": "add_dataset", "name", "task", "num_classes", "top_k", "aux_weight", "head_channels"}
-        a router in every MoE layer (a new row of B(D, E)) and a head
+        a router in every MoE layer and MoE attention layer (a new row of B(D, E)) and a head
     {"op": "drop_dataset", "name"}     its routers and head go; its row of B(D, E) stays for the MI loss
     {"op": "set_top_k", "name", "k"}
     {"op": "keep_experts", "kept": [[...] per MoE layer]}   pruning: routers are re-indexed
@@ -50,6 +50,8 @@ def add_dataset(model: MTHLModel, name: str, task: str, num_classes: int, top_k:
         raise ValueError(f"the model already has a dataset {name!r}")
     for layer in model.backbone.moe_layers:
         layer.gate.add_router(name, top_k)
+    for layer in model.backbone.attention_layers:  # MoE attention keeps its own K
+        layer.gate.add_router(name, model.built_from["model"]["moe"]["attention"]["top_k"])
     model.heads[name] = build_head(task, model.backbone.stage_channels, num_classes, aux_weight, head_channels)
     model.tasks[name] = task
     model.backbone.datasets.append(name)
@@ -58,8 +60,8 @@ def add_dataset(model: MTHLModel, name: str, task: str, num_classes: int, top_k:
 def drop_dataset(model: MTHLModel, name: str) -> None:
     if name not in model.heads:
         raise ValueError(f"the model has no dataset {name!r}; it has {sorted(model.heads)}")
-    for layer in model.backbone.moe_layers:
-        layer.gate.remove_router(name)
+    for gate in model.backbone.gates:
+        gate.remove_router(name)
     del model.heads[name]
     del model.tasks[name]
     model.backbone.datasets.remove(name)

@@ -27,7 +27,9 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from mthl_ds import surgery
 from mthl_ds.adapt import adapted_model, resolve_source
+from mthl_ds.aes import AdaptiveTopK, heldout_positions
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
@@ -238,11 +240,18 @@ class Trainer:
         layers = self.model.backbone.moe_layers
         widest = max((layer.num_experts for layer in layers), default=0)
         self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
+        self.selection, self.heldout = None, {}
+        if r.train.aes is not None:  # AdaMV-MoE: K per dataset from held-out losses; the held-out samples never train
+            self.selection = AdaptiveTopK(r.top_k_per_dataset(), r.model.moe.num_experts, r.train.aes.patience)
+            self.heldout = {n: heldout_positions([s["num_samples"] for s in self.sets[n][0].shards],
+                                                 r.train.aes.holdout, r.train.seed, at_least=self.world)
+                            for n in r.datasets}
         if resume_tag:
             loader_states = self.load(resume_tag)
         self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
                                          d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
-                                         state=loader_states.get(n)) for n, d in r.datasets.items()}
+                                         state=loader_states.get(n), exclude=self.heldout.get(n))
+                        for n, d in r.datasets.items()}
         self.record_launch()
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
@@ -311,6 +320,48 @@ class Trainer:
             log.warning("%s; every rank skips this step", message)
         return False
 
+    # ---- adaptive expert selection (AdaMV-MoE)
+    def select_top_k(self) -> list[dict]:
+        """One AES check: every unfixed dataset's held-out loss (all ranks' mean), then Algorithm 1's decisions,
+        applied as ``set_top_k`` surgery rules so checkpoints and exports carry the new K."""
+        names = [n for n, s in self.selection.datasets.items() if not s.fixed]
+        losses = self.heldout_losses(names)
+        changes = self.selection.observe(self.step, losses)
+        for change in changes:
+            if change["k_to"] != change["k_from"]:
+                surgery.apply(self.model, [{"op": "set_top_k", "name": change["dataset"], "k": change["k_to"]}])
+        top_k = torch.tensor(list(self.selection.top_k.values()), dtype=torch.float64)
+        if not torch.equal(all_reduce_sum(top_k), top_k * self.world):
+            raise RuntimeError(f"step {self.step}: ranks disagree on K after an AES check (this rank: "
+                               f"{self.selection.top_k})")
+        if self.rank == 0:
+            self.metrics_file.write(json.dumps({"step": self.step, "aes": {
+                "heldout_loss": losses, "top_k": self.selection.top_k, "changes": changes}}) + "\n")
+            for c in changes:
+                tqdm.write(f"AES step {c['step']}: {c['dataset']} K {c['k_from']} -> {c['k_to']} ({c['action']}; "
+                           f"held-out loss {c['loss']:.4f}, best {c['best']:.4f})")
+        return changes
+
+    @torch.no_grad()
+    def heldout_losses(self, names: list[str]) -> dict[str, float]:
+        """Mean task loss over each dataset's held-out training samples (eval mode), averaged over ranks."""
+        r, aes = self.recipe, self.recipe.train.aes
+        self.engine.eval()
+        means = []
+        for name in names:
+            d = r.datasets[name]
+            loader = eval_loader(self.sets[name][0], make_decoder(pipeline_config(r, name), train=False),
+                                 d.eval_batch_size or d.batch_size, self.rank, self.world, only=self.heldout[name])
+            self.model.set_dataset(name)
+            losses = []
+            for batch in loader:  # every rank reads the same number of (padded) batches
+                if aes.max_batches and len(losses) == aes.max_batches:
+                    break
+                losses.append(float(self.model.heads[name].loss(self.engine(batch["image"]), batch)[0]))
+            means.append(sum(losses) / len(losses))
+        self.engine.train()
+        return dict(zip(names, all_reduce_mean(torch.tensor(means, dtype=torch.float64)).tolist()))
+
     # ---- evaluation
     def evaluate(self) -> dict:
         """Val metrics, read in the rank's own process: a DataLoader worker forked here, after the process group
@@ -328,7 +379,8 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"loaders": {n: l.state_dict() for n, l in self.loaders.items()}, "rng": rng_state(),
-                    "usage": self.usage}, self.ckpt_dir / tag / f"rank{self.rank}_state.pt")
+                    "usage": self.usage, "aes": self.selection.state_dict() if self.selection else None},
+                   self.ckpt_dir / tag / f"rank{self.rank}_state.pt")
         barrier()
         if self.rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
             (self.ckpt_dir / tag / "run.json").write_text(json.dumps(
@@ -356,6 +408,13 @@ class Trainer:
         state = torch.load(self.ckpt_dir / tag / f"rank{self.rank}_state.pt", weights_only=False)
         set_rng_state(state["rng"])
         self.usage = state["usage"]
+        # K set during training (AES) is not in the weights: replay the checkpoint's rules the new model lacks
+        later = saved["model"]["surgery"][len(self.model.surgery):]
+        if any(rule["op"] != "set_top_k" for rule in later):
+            raise ShardError(f"{self.ckpt_dir / tag}: surgery during training other than set_top_k: {later}")
+        surgery.apply(self.model, later)
+        if self.selection is not None:
+            self.selection.load_state_dict(state["aes"])
         if self.rank == 0:
             log.warning("resumed from %s at step %d", self.ckpt_dir / tag, self.step)
         return state["loaders"]
@@ -383,6 +442,8 @@ class Trainer:
                 bar.set_postfix_str(f"{record['dataset']} loss {record['loss']:.3f} lr {record['lr']:.2e} "
                                     f"{record.get('images_per_s', 0):.0f} img/s", refresh=False)
                 bar.update(1)
+            if self.selection is not None and not self.selection.done and self.step % t.aes.every == 0:
+                self.select_top_k()
             if t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save()
                 saved_at = self.step

@@ -21,8 +21,11 @@ def test_single_task_baselines_hold_one_dataset():
         assert r.datasets[dataset] == load_recipe("mthld_swin_t").datasets[dataset]
 
 
+COMPANION = {"adamv_vit_s", "adamv_vit_b", "modsquad_vit_s", "demo_adamv", "demo_modsquad"}
+
+
 def test_recipe_names_and_paper_numbers():
-    assert set(list_recipes()) == set(PAPER_RECIPES) | {"demo"} | set(SINGLE_TASK)
+    assert set(list_recipes()) == set(PAPER_RECIPES) | {"demo"} | set(SINGLE_TASK) | COMPANION
     for name in PAPER_RECIPES:
         r = load_recipe(name)
         assert {n: d.sample_weight for n, d in r.datasets.items()} == {"imagenet": 3, "coco": 2, "ade20k": 1}
@@ -33,6 +36,17 @@ def test_recipe_names_and_paper_numbers():
             assert r.model.moe is None
         else:
             assert (r.model.moe.num_experts, r.model.moe.top_k) == (12, 4)
+
+
+def test_companion_recipes_carry_their_papers_settings():
+    for name in ("adamv_vit_s", "adamv_vit_b"):
+        r = load_recipe(name)
+        assert (r.model.moe.num_experts, r.model.moe.top_k, r.model.moe.layers) == (8, 1, "every_second")
+        assert r.model.moe.losses == {"importance": 0.005, "load": 0.005} and r.model.moe.attention is None
+        assert (r.train.aes.holdout, r.train.aes.patience) == (0.01, 2000)
+    squad = load_recipe("modsquad_vit_s").model.moe
+    assert (squad.num_experts, squad.top_k, squad.attention.num_experts, squad.attention.top_k) == (16, 4, 15, 6)
+    assert load_recipe("demo").train.aes is None and load_recipe("demo").model.moe.attention is None
 
 
 def test_overrides_are_typed():

@@ -190,13 +190,14 @@ class DatasetLoader:
     """
 
     def __init__(self, shard_set: ShardSet, decode: Callable, batch_size: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, workers: int = 0, state: Optional[dict] = None):
+                 seed: int = 0, workers: int = 0, state: Optional[dict] = None,
+                 exclude: Optional[dict[int, set[int]]] = None):
         shard_set.check_split(world, workers)
         state = state or {}
         self.state = LoaderState(state.get("last"))
         self.workers = max(1, workers)
         self.next_worker = int(state.get("next_worker", 0))
-        stream = TrainStream(shard_set, decode, rank, world, seed, resume=self.state.last)
+        stream = TrainStream(shard_set, decode, rank, world, seed, resume=self.state.last, exclude=exclude)
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                  worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers else None)
@@ -222,7 +223,7 @@ class DatasetLoader:
 
 
 def eval_loader(shard_set: ShardSet, decode: Callable, batch_size: int, rank: int = 0, world: int = 1,
-                workers: int = 0) -> DataLoader:
-    stream = EvalStream(shard_set, decode, rank, world, batch_size)
+                workers: int = 0, only: Optional[dict[int, set[int]]] = None) -> DataLoader:
+    stream = EvalStream(shard_set, decode, rank, world, batch_size, only=only)
     return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                       worker_init_fn=worker_init if workers else None)

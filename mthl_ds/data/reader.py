@@ -117,13 +117,16 @@ class TrainStream(IterableDataset):
         rank, world: this rank and the number of ranks reading the set.
         seed: the run's seed.
         resume: ``{worker_id: last ordinal handed out}`` from :class:`LoaderState`.
+        exclude: ``{shard number: {sample index}}`` never to hand out (a held-out split); they keep their
+            ordinals, so the other samples' order and augmentations do not change.
     """
 
     def __init__(self, shard_set: ShardSet, decode: Callable, rank: int = 0, world: int = 1, seed: int = 0,
-                 resume: Optional[dict[int, int]] = None):
+                 resume: Optional[dict[int, int]] = None, exclude: Optional[dict[int, set[int]]] = None):
         self.shard_set, self.decode = shard_set, decode
         self.rank, self.world, self.seed = rank, world, seed
         self.resume = dict(resume or {})
+        self.exclude = exclude or {}
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -147,9 +150,10 @@ class TrainStream(IterableDataset):
                 samples, errors = read_shard(self.shard_set.root / shard["name"], shard["num_samples"])
                 skipped += errors
                 visit = np.random.default_rng([self.seed, epoch, int(shard_no)]).permutation(shard["num_samples"])
+                excluded = self.exclude.get(int(shard_no), ())
                 for i in visit:
                     ordinal += 1
-                    if ordinal - 1 < start:
+                    if ordinal - 1 < start or i in excluded:
                         continue
                     if i >= len(samples):
                         continue  # lost to a corrupt tar: already reported
@@ -169,14 +173,18 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Each val sample exactly once across ranks; every reader yields the same padded count."""
+    """Each val sample exactly once across ranks; every reader yields the same padded count.
+    ``only``: ``{shard number: {sample index}}`` to read instead of every sample (a held-out split)."""
 
-    def __init__(self, shard_set: ShardSet, decode: Callable, rank: int = 0, world: int = 1, batch_size: int = 1):
+    def __init__(self, shard_set: ShardSet, decode: Callable, rank: int = 0, world: int = 1, batch_size: int = 1,
+                 only: Optional[dict[int, set[int]]] = None):
         self.shard_set, self.decode = shard_set, decode
         self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.only = only
+        self.num_samples = len(shard_set) if only is None else sum(len(v) for v in only.values())
 
     def per_reader(self, workers: int) -> int:
-        per_rank = math.ceil(len(self.shard_set) / self.world)
+        per_rank = math.ceil(self.num_samples / self.world)
         return math.ceil(math.ceil(per_rank / workers) / self.batch_size) * self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
@@ -185,9 +193,13 @@ class EvalStream(IterableDataset):
         quota = self.per_reader(workers)
         produced, last = 0, None
         index = 0
-        for shard in self.shard_set.shards:
+        for shard_no, shard in enumerate(self.shard_set.shards):
+            if self.only is not None and shard_no not in self.only:
+                continue
             samples, _ = read_shard(self.shard_set.root / shard["name"], shard["num_samples"])
-            for key, members in samples:
+            for position, (key, members) in enumerate(samples):
+                if self.only is not None and position not in self.only[shard_no]:
+                    continue
                 mine = index % self.world == self.rank and (index // self.world) % workers == worker
                 index += 1
                 if not mine:

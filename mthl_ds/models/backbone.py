@@ -1,8 +1,11 @@
-"""Backbones: timm Swin / DaViT whose chosen MLPs are replaced by MoE MLPs after construction.
+"""Backbones: timm Swin / DaViT / ViT whose chosen MLPs are replaced by MoE MLPs after construction.
 
 timm's Swin and DaViT take no ``mlp_layer`` argument (Swin silently swallows unknown kwargs), so
-:func:`moeify` swaps ``block.mlp`` in place. The model code here is single-device: expert parallelism is
-only the ``ep_size`` / ``ep_rank`` a caller passes, and DeepSpeed's engine wires the process groups.
+:func:`moeify` swaps ``block.mlp`` in place; ViT blocks would take one, but one mechanism serves all three.
+With ``moe.attention`` set, the same ViT blocks also get Mod-Squad's MoE attention. A ViT has one stride
+(16): :class:`SimplePyramid` turns four of its block outputs into the strides 4-32 the heads expect. The
+model code here is single-device: expert parallelism is only the ``ep_size`` / ``ep_rank`` a caller passes,
+and DeepSpeed's engine wires the process groups.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import timm
 import torch
 from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from mthl_ds.config import MoEConfig
+from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
 from mthl_ds.moe.layer import MoEMlp
 
@@ -31,6 +36,10 @@ BACKBONES: dict[str, tuple[dict, str]] = {
                         num_heads=(1, 2, 4, 8), window_size=4), "all"),
     "davit_debug": (dict(model_name="davit_tiny", embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1),
                          num_heads=(1, 2, 4, 8), window_size=4), "all"),
+    # AdaMV-MoE's ViTs (Table 2); MoE in every second block, as there.
+    "vit_small_patch16_224": (dict(model_name="vit_small_patch16_224"), "every_second"),
+    "vit_base_patch16_224": (dict(model_name="vit_base_patch16_224"), "every_second"),
+    "vit_debug": (dict(model_name="vit_small_patch16_224", embed_dim=64, depth=4, num_heads=2), "every_second"),
 }
 
 
@@ -40,17 +49,48 @@ def mlp_blocks(net: nn.Module) -> list[nn.Module]:
 
 
 def resolve_layers(layers: Union[str, Sequence[int]], count: int) -> tuple[int, ...]:
-    """``"all"``, ``"every_second"`` (MLP indices 1, 3, 5, ...) or explicit indices into the MLP list."""
-    if layers == "all":
-        return tuple(range(count))
-    if layers == "every_second":
-        return tuple(range(1, count, 2))
+    """``"all"``, ``"every_second"`` (MLP indices 1, 3, 5, ...), AdaMV-MoE's ``"early"`` / ``"middle"`` /
+    ``"later"`` (the first, central or last half of the MLPs) or explicit indices into the MLP list."""
+    half = count // 2
+    named = {"all": range(count), "every_second": range(1, count, 2), "early": range(half),
+             "middle": range((count - half) // 2, (count - half) // 2 + half), "later": range(count - half, count)}
+    if isinstance(layers, str) and layers in named:
+        return tuple(named[layers])
     if isinstance(layers, str):
-        raise ValueError(f"moe layers {layers!r} must be 'all', 'every_second' or a list of MLP indices")
+        raise ValueError(f"moe layers {layers!r} must be one of {sorted(named)} or a list of MLP indices")
     bad = [i for i in layers if not 0 <= i < count]
     if bad:
         raise ValueError(f"moe layer indices {bad} are outside the backbone's {count} MLPs (0..{count - 1})")
     return tuple(sorted(set(layers)))
+
+
+def make_gate(dim: int, num_experts: int, top_k: dict[str, int], moe: MoEConfig, context: RoutingContext,
+              **overrides) -> PerDatasetGate:
+    kwargs = dict(capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+                  min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, renormalize=moe.renormalize,
+                  noise_std=moe.noise_std, router_hidden=moe.router_hidden, loss_coefs=moe.losses,
+                  mi_momentum=moe.mi_momentum, context=context)
+    return PerDatasetGate(dim, num_experts, list(top_k), top_k, **{**kwargs, **overrides})
+
+
+def moe_attention(net: nn.Module, moe: MoEConfig, datasets: Sequence[str], context: RoutingContext,
+                  seed: int = 0) -> list[MoEAttention]:
+    """Replace the attention of the blocks ``moe.layers`` names with :class:`MoEAttention` (Mod-Squad)."""
+    att = moe.attention
+    blocks = mlp_blocks(net)
+    layers = []
+    for i in resolve_layers(moe.layers, len(blocks)):
+        dense = blocks[i].attn
+        if not isinstance(dense, Attention):
+            raise ValueError(f"block {i}: MoE attention replaces timm's ViT Attention, not {type(dense).__name__}")
+        dim = dense.qkv.in_features
+        gate = make_gate(dim, att.num_experts, {d: att.top_k for d in datasets}, moe, context, drop_tokens=False,
+                         noise_std=0.0, loss_coefs=att.losses)
+        layer = MoEAttention(dim, att.num_experts, att.head_dim or dim // att.top_k, gate,
+                             qkv_bias=dense.qkv.bias is not None, seed=seed * 1009 + 500 + i)
+        blocks[i].attn = layer
+        layers.append(layer)
+    return layers
 
 
 def moeify(net: nn.Module, moe: MoEConfig, top_k: dict[str, int], context: RoutingContext,
@@ -68,11 +108,7 @@ def moeify(net: nn.Module, moe: MoEConfig, top_k: dict[str, int], context: Routi
         dim, dense_hidden = dense.fc1.in_features, dense.fc1.out_features
         if dense_hidden % divisor:
             raise ValueError(f"MLP {i}: hidden {dense_hidden} is not divisible by {divisor}")
-        gate = PerDatasetGate(dim, moe.num_experts, list(top_k), top_k, capacity_factor=moe.capacity_factor,
-                              eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
-                              drop_tokens=moe.drop_tokens, renormalize=moe.renormalize, noise_std=moe.noise_std,
-                              router_hidden=moe.router_hidden, loss_coefs=moe.losses,
-                              mi_momentum=moe.mi_momentum, context=context)
+        gate = make_gate(dim, moe.num_experts, top_k, moe, context)
         layer = MoEMlp(dim, dense_hidden // divisor, moe.num_experts, gate, ep_size=ep_size,
                        act_layer=type(dense.act))
         if moe.upcycle:
@@ -84,22 +120,44 @@ def moeify(net: nn.Module, moe: MoEConfig, top_k: dict[str, int], context: Routi
     return layers
 
 
+class SimplePyramid(nn.Module):
+    """Four block outputs of a plain ViT (all at its patch stride 16) as features at strides 4, 8, 16, 32:
+    two 2x transposed convolutions, one, none, and a 2x max-pool (the ViT + UperNet neck of BEiT / MAE)."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.blocks = [round((i + 1) * depth / 4) - 1 for i in range(4)]  # e.g. 2, 5, 8, 11 of 12
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        return [self.up4(features[0]), self.up2(features[1]), features[2], self.down2(features[3])]
+
+
 class MoEBackbone(nn.Module):
     """A timm backbone returning its four stage features (NCHW), with per-dataset routing.
 
-    Call :meth:`set_dataset` before forward. After forward, :meth:`router_loss` sums the MoE layers'
-    weighted router losses, and :meth:`update_routing_buffers` folds this forward's routing statistics
-    into the MI buffers (one collective for all layers when a ``reduce_mean`` is given).
+    Call :meth:`set_dataset` before forward. After forward, :meth:`router_loss` sums the weighted router
+    losses of every gate (MoE MLPs and MoE attention), and :meth:`update_routing_buffers` folds this
+    forward's routing statistics into the MI buffers (one collective for all gates when a ``reduce_mean``
+    is given).
     """
 
     def __init__(self, net: nn.Module, datasets: Sequence[str], moe_layers: Sequence[MoEMlp],
-                 context: RoutingContext):
+                 context: RoutingContext, attention_layers: Sequence[MoEAttention] = ()):
         super().__init__()
         self.net = net
         self.datasets = list(datasets)
         self.context = context
         self.moe_layers = list(moe_layers)  # also registered inside self.net; this is a view for iteration
-        self.stage_channels = [info["num_chs"] for info in net.feature_info]
+        self.attention_layers = list(attention_layers)  # the same: Mod-Squad MoE attention, if any
+        self.pyramid = SimplePyramid(net.embed_dim, len(net.blocks)) if is_vit(net) else None
+        self.stage_channels = [net.embed_dim] * 4 if self.pyramid else [info["num_chs"] for info in net.feature_info]
+
+    @property
+    def gates(self) -> list[PerDatasetGate]:
+        return [layer.gate for layer in self.moe_layers + self.attention_layers]
 
     def set_dataset(self, name: str) -> None:
         if name not in self.datasets:
@@ -110,21 +168,24 @@ class MoEBackbone(nn.Module):
         if self.context.dataset is None:
             raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
         self.context.forward_id += 1
-        return self.net.forward_intermediates(x, intermediates_only=True)
+        if self.pyramid is None:
+            return self.net.forward_intermediates(x, intermediates_only=True)
+        return self.pyramid(self.net.forward_intermediates(x, indices=self.pyramid.blocks, intermediates_only=True))
 
     def router_loss(self) -> Tensor | float:
-        return sum(layer.gate.weighted_loss() for layer in self.moe_layers)
+        return sum(gate.weighted_loss() for gate in self.gates)
 
     def router_loss_terms(self) -> dict[str, float]:
-        """Unweighted router losses summed over layers, for logging."""
+        """Unweighted router losses summed over layers (``attention/`` for MoE attention), for logging."""
         terms: dict[str, float] = {}
-        for layer in self.moe_layers:
-            for name, value in layer.gate.losses.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach())
+        for prefix, layers in (("", self.moe_layers), ("attention/", self.attention_layers)):
+            for layer in layers:
+                for name, value in layer.gate.losses.items():
+                    terms[prefix + name] = terms.get(prefix + name, 0.0) + float(value.detach())
         return terms
 
     def update_routing_buffers(self, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None) -> None:
-        gates = [layer.gate for layer in self.moe_layers if layer.gate.pending_usage is not None]
+        gates = [gate for gate in self.gates if gate.pending_usage is not None]
         if not gates:
             return
         usage = [g.pending_usage[1] for g in gates]  # layers may differ in width after pruning
@@ -136,6 +197,10 @@ class MoEBackbone(nn.Module):
             gate.pending_usage = None
 
 
+def is_vit(net: nn.Module) -> bool:
+    return type(net).__name__ == "VisionTransformer"
+
+
 def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
@@ -143,6 +208,8 @@ def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Mod
     model_name = kwargs.pop("model_name")
     if model_name.startswith("swin"):  # one model sees each dataset's input size: masks built per input
         kwargs.update(img_size=img_size, dynamic_img_size=True)
+    if model_name.startswith("vit"):  # position embeddings resized per input; sizes padded to the patch
+        kwargs.update(img_size=img_size, dynamic_img_size=True, dynamic_img_pad=True)
     return timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
 
 
@@ -165,9 +232,12 @@ def build_backbone(name: str, datasets: Iterable[str], moe: Optional[MoEConfig],
     net = create_timm(name, img_size, drop_path_rate)
     context = RoutingContext()
     layers: list[MoEMlp] = []
+    attention: list[MoEAttention] = []
     if moe is not None:
         if moe.layers == "paper":
             moe = dataclasses.replace(moe, layers=BACKBONES[name][1])
         top_k = top_k or {d: moe.top_k for d in datasets}
+        if moe.attention is not None:
+            attention = moe_attention(net, moe, datasets, context, seed=seed)
         layers = moeify(net, moe, top_k, context, ep_size=ep_size, ep_rank=ep_rank, seed=seed)
-    return MoEBackbone(net, datasets, layers, context)
+    return MoEBackbone(net, datasets, layers, context, attention)
