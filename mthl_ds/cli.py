@@ -13,6 +13,10 @@ from mthl_ds.adapt import MODES
 from mthl_ds.export import ExportError
 
 
+class UsageError(ValueError):
+    """Options that do not fit together; the message names them."""
+
+
 def cmd_recipes(args) -> int:
     for name in list_recipes():
         print(f"{name:<16} {load_recipe(name).description}")
@@ -98,17 +102,48 @@ def shard_set(folder: Path, split: str):
 
 
 def cmd_stats(args) -> int:
-    from mthl_ds.export import load_export
-    from mthl_ds.stats import routing_statistics, write_statistics
-    model, meta = load_export(args.model)
+    from mthl_ds import stats
+    from mthl_ds.export import load_model
     data = {name: shard_set(folder, args.split) for name, folder in args.data}
-    known = meta["built_from"]["datasets"]
-    sizes = {n: tuple(args.size or known.get(n, {}).get("size") or (meta["built_from"]["model"]["img_size"],) * 2)
+    pair = args.grad_cosine.split(",") if args.grad_cosine else []
+    if args.grad_cosine and (len(pair) != 2 or not set(pair) <= set(data)):
+        raise UsageError(f"--grad-cosine {args.grad_cosine!r}: name two of the --data sets {sorted(data)}, as A,B")
+    model, label = load_model(args.model)
+    built = model.built_from
+    sizes = {n: tuple(args.size or built["datasets"].get(n, {}).get("size") or (built["model"]["img_size"],) * 2)
              for n in data}
-    stats = routing_statistics(model, data, sizes, batch_size=args.batch_size, max_images=args.max_images)
-    for path in write_statistics(stats, args.out):
+    written = stats.write_statistics(stats.routing_statistics(model, data, sizes, batch_size=args.batch_size,
+                                                              max_images=args.max_images), args.out)
+    if args.compare:
+        models = {label: model}
+        for path in args.compare:
+            other, other_label = load_model(path)
+            models[other_label if other_label not in models else str(path)] = other
+        result = stats.routing_convergence(models, data, sizes, args.batch_size, args.max_images or 64)
+        written += [write_json(result, args.out / "hamming.json")]
+        stats.plot_convergence(result, args.out / "hamming.png")
+        written.append(args.out / "hamming.png")
+    if pair:
+        result = stats.gradient_cosine(model, {n: data[n] for n in pair}, sizes, args.grad_batches,
+                                       args.batch_size, args.grad_params)
+        written += [write_json(result, args.out / "grad_cosine.json")]
+        stats.plot_gradient_cosine(result, args.out / "grad_cosine.png")
+        written.append(args.out / "grad_cosine.png")
+        print(f"gradient cosine {pair[0]} vs {pair[1]} on {result['parameters']} shared parameters: mean "
+              f"{result['mean_overall']:.3f} over {len(result['batches'])} batch pairs")
+    if args.maps:
+        result = stats.expert_maps(model, data, sizes, args.maps, args.map_layer)
+        stats.plot_expert_maps(result, args.out / "expert_maps.png")
+        written.append(args.out / "expert_maps.png")
+    for path in written:
         print(path)
     return 0
+
+
+def write_json(value, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1) + "\n")
+    return path
 
 
 def new_dataset(args, name: str, folder: Path):
@@ -214,14 +249,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("stats", help="routing statistics of an exported model on data: JSON + heatmaps")
-    p.add_argument("model", type=Path)
+    p = sub.add_parser("stats", help="routing analysis of a model on data: usage, router similarity, and on request "
+                                     "routing convergence, gradient conflict, expert maps (JSON + plots)")
+    p.add_argument("model", type=Path, help="an export file, a run folder or a checkpoint folder RUN/checkpoints/TAG")
     p.add_argument("--data", type=data_arg, action="append", required=True, metavar="NAME=DIR",
                    help="a shard set, or a dataset folder holding train/ and val/ (repeatable)")
     p.add_argument("--split", default="train", help="split read from a dataset folder")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the dataset's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-images", type=int, help="images per dataset (default: all)")
+    p.add_argument("--max-images", type=int, help="images per dataset (default: all; --compare: 64)")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="MODEL",
+                   help="routing convergence: Hamming distances between the routing of MODEL and these (checkpoints)")
+    p.add_argument("--grad-cosine", metavar="A,B", help="cosine of two datasets' loss gradients on shared parameters")
+    p.add_argument("--grad-batches", type=int, default=8, help="--grad-cosine: batch pairs")
+    p.add_argument("--grad-params", metavar="REGEX", help="--grad-cosine: only shared parameters matching this")
+    p.add_argument("--maps", type=int, default=0, metavar="N", help="draw N images per dataset with their patches' "
+                   "top-1 (border) and top-2 (fill) experts")
+    p.add_argument("--map-layer", type=int, default=-1, help="--maps: index of the gate (MoE MLPs, then attention)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("adapt", help="adapt an exported model to a new dataset (one Table-3 mode)")
@@ -260,6 +304,9 @@ def main(argv=None) -> int:
         return 2
     except ExportError as e:
         print(f"mthl-ds: model file error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"mthl-ds: {e}", file=sys.stderr)
         return 2
 
 

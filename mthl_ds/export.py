@@ -143,6 +143,20 @@ def check_state(model: MTHLModel, state: dict, where: str) -> None:
                           f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
 
 
+def load_model(path: Path) -> tuple[MTHLModel, str]:
+    """(single-device model, short label) from an export file, a run folder (its latest complete checkpoint) or a
+    checkpoint folder ``RUN/checkpoints/TAG``."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        model, source = consolidate(path)
+        return model, f"{path.name}/{source['tag']}"
+    if path.is_dir():
+        if path.parent.name != "checkpoints":
+            raise ExportError(f"{path}: neither an export file, a run folder nor RUN/checkpoints/TAG")
+        return consolidate(path.parents[1], path.name)[0], f"{path.parents[1].name}/{path.name}"
+    return load_export(path)[0], path.stem
+
+
 def load_export(path: Path, ep_size: int = 1, ep_rank: int = 0) -> tuple[MTHLModel, dict]:
     """(model, metadata). ``ep_size > 1``: this rank's share of the experts, for a DeepSpeed run."""
     meta = read_metadata(path)

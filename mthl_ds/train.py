@@ -176,6 +176,12 @@ class StopFlag:
         return bool(flag.item() > 0)
 
 
+def logged_by(row: dict, steps_done: int) -> bool:
+    """Whether a metrics row belongs to a run that has done ``steps_done`` steps: a loss row's ``step`` is its
+    step's index; AES and eval rows give the steps done when they were taken (at, or after, that checkpoint)."""
+    return row.get("step", 0) < steps_done if "loss" in row else row.get("step", 0) <= steps_done
+
+
 def pipeline_config(recipe: Recipe, name: str) -> PipelineConfig:
     d = recipe.datasets[name]
     return PipelineConfig(d.task, tuple(d.size), crop_scale=tuple(d.crop_scale))
@@ -273,7 +279,7 @@ class Trainer:
     def open_metrics(self):
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.step]
+            kept = [line for line in path.read_text().splitlines() if logged_by(json.loads(line), self.step)]
             self.history = [json.loads(line) for line in kept if "loss" in json.loads(line)]
             path.write_text("".join(line + "\n" for line in kept))
         return path.open("a")

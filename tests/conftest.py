@@ -23,6 +23,19 @@ def run_ranks(worker: str, nprocs: int, args: list[str], timeout: int = 600) -> 
     return proc
 
 
+def train_cli(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: int = 600,
+              recipe: str = "demo") -> subprocess.CompletedProcess:
+    """``python -m mthl_ds.train`` on ``nprocs`` torchrun ranks; fails with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
+           "-m", "mthl_ds.train", "--recipe", recipe, "--out", str(run_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The synthetic world at a quarter of the demo's size, converted with the real converters."""

@@ -10,19 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, demo_overrides, free_port, run_ranks
+from conftest import ROOT, demo_overrides, free_port, run_ranks, train_cli
 from mthl_ds.engine import launcher_free_env
-
-
-def train_cli(run_dir, overrides, nprocs=2, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
-           "-m", "mthl_ds.train", "--recipe", "demo", "--out", str(run_dir)]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def checkpoint_tensors(ckpt):

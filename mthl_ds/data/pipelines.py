@@ -182,6 +182,13 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def own_generator() -> torch.Generator:
+    """A DataLoader draws a base seed each time an iterator is made; from the global RNG by default, which
+    would shift the random stream of training (noisy gating) by when a loader first runs, so a resumed run would
+    not repeat the straight one. Our samples never use that seed (augmentation is keyed on seed and ordinal)."""
+    return torch.Generator().manual_seed(0)
+
+
 class DatasetLoader:
     """Batches of one dataset for one rank, in an order fixed by (seed, rank) that resumes exactly.
 
@@ -200,7 +207,7 @@ class DatasetLoader:
         stream = TrainStream(shard_set, decode, rank, world, seed, resume=self.state.last, exclude=exclude)
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                  worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers else None)
+                                 prefetch_factor=4 if workers else None, generator=own_generator())
         self._iter = None
         self._pending: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
@@ -226,4 +233,4 @@ def eval_loader(shard_set: ShardSet, decode: Callable, batch_size: int, rank: in
                 workers: int = 0, only: Optional[dict[int, set[int]]] = None) -> DataLoader:
     stream = EvalStream(shard_set, decode, rank, world, batch_size, only=only)
     return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      worker_init_fn=worker_init if workers else None)
+                      worker_init_fn=worker_init if workers else None, generator=own_generator())
