@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from mthl_ds.data.pipelines import MEAN, STD, PipelineConfig, eval_loader, make_decoder  # noqa: E402
 from mthl_ds.data.reader import ShardSet  # noqa: E402
@@ -41,21 +42,28 @@ class RouteRecorder:
 
     def __init__(self, model: MTHLModel):
         self.gates = model.backbone.gates
-        self.ranked: list[torch.Tensor] = []
+        self.ranked: list[list[torch.Tensor]] = [[] for _ in self.gates]
 
     def __enter__(self) -> "RouteRecorder":
         self.saved = [g.drop_tokens for g in self.gates]
         for g in self.gates:
             g.drop_tokens = False
-        self.hooks = [g.register_forward_hook(self._record) for g in self.gates]
+        # gates fire in block order (attention, then MLP, block by block); records are kept per gate
+        self.hooks = [g.register_forward_hook(lambda gate, inputs, output, i=i: self._record(i, output))
+                      for i, g in enumerate(self.gates)]
         return self
 
-    def _record(self, gate, inputs, output) -> None:
-        self.ranked.append(output[3].long().t().cpu())  # (tokens, K) expert indices, highest gate value first
+    def _record(self, index: int, output) -> None:
+        self.ranked[index].append(output[3].long().t().cpu())  # (tokens, K) expert indices, highest gate first
 
     def take_ranked(self) -> list[torch.Tensor]:
-        """Per gate, since the last take: (tokens, K) chosen experts, top-1 first."""
-        ranked, self.ranked = self.ranked, []
+        """Per gate (``model.backbone.gates`` order), since the last take: (tokens, K) chosen experts, top-1
+        first."""
+        if not all(self.ranked):
+            raise RuntimeError("take() before every gate ran: run a forward of the backbone first")
+        ranked = [torch.cat([F.pad(r, (0, max(x.shape[1] for x in records) - r.shape[1]), value=-1)
+                             for r in records]) for records in self.ranked]  # forwards of different K: -1 pads
+        self.ranked = [[] for _ in self.gates]
         return ranked
 
     def take(self) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from mthl_ds.models.backbone import resolve_layers
 from mthl_ds.models.mthl import build_model
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
-from mthl_ds.stats import (expert_maps, gradient_cosine, plot_expert_maps, routing_convergence, shared_parameters,
+from mthl_ds.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence, shared_parameters,
                             token_grid)
 from mthl_ds.train import open_shards, pipeline_config
 
@@ -276,8 +276,12 @@ def test_expert_maps_of_moe_attention_give_two_distinct_experts_per_patch(shards
     with pytest.raises(ValueError, match="17 tokens"):
         token_grid(17, (64, 64))
     model = build_model(load_recipe("demo_modsquad"))
+    with RouteRecorder(model) as recorder:  # records per gate, though attention and MLP gates fire interleaved
+        model.set_dataset("coco")
+        model.backbone(torch.randn(1, 3, 64, 64))
+        assert [r.shape[1] for r in recorder.take_ranked()] == [4] * 4 + [6] * 4
     result = expert_maps(model, val_sets(shards, "coco"), {"coco": (64, 64)}, count=2, layer=-1)
-    assert result["layer"] == "attention 3" and len(result["maps"]) == 2
+    assert result["layer"] == "attention 3" and result["experts"] == 15 and len(result["maps"]) == 2
     for m in result["maps"]:
         assert m["top1"].shape == m["top2"].shape == (4, 4) and m["image"].shape == (3, 64, 64)
         assert (m["top1"] != m["top2"]).all() and m["top1"].max() < 15 and m["top2"].min() >= 0
