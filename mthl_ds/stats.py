@@ -366,10 +366,11 @@ def plot_expert_maps(result: dict, path: Path) -> None:
 
 
 def usage_of(stats: dict, name: str) -> list[list[int]]:
-    """Per-layer expert counts of one dataset, from a statistics file."""
+    """Per MoE MLP layer, the expert counts of one dataset from a statistics file (MoE attention rows, which
+    pruning does not touch, left out)."""
     if name not in stats["layers"][0]["usage"]:
         raise KeyError(f"the statistics have no usage for {name!r}; they cover {sorted(stats['layers'][0]['usage'])}")
-    return [layer["usage"][name] for layer in stats["layers"]]
+    return [layer["usage"][name] for layer in stats["layers"] if not layer.get("name", "").startswith("attention")]
 
 
 def plot_similarity(stats: dict, path: Path) -> None:

@@ -18,8 +18,8 @@ from mthl_ds.models.backbone import resolve_layers
 from mthl_ds.models.mthl import build_model
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
-from mthl_ds.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence, shared_parameters,
-                            token_grid)
+from mthl_ds.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence,
+                            routing_statistics, shared_parameters, token_grid, usage_of)
 from mthl_ds.train import open_shards, pipeline_config
 
 # ------------------------------------------------------------------------------------------ AES, by hand
@@ -285,5 +285,9 @@ def test_expert_maps_of_moe_attention_give_two_distinct_experts_per_patch(shards
     for m in result["maps"]:
         assert m["top1"].shape == m["top2"].shape == (4, 4) and m["image"].shape == (3, 64, 64)
         assert (m["top1"] != m["top2"]).all() and m["top1"].max() < 15 and m["top2"].min() >= 0
+    stats = routing_statistics(model, val_sets(shards, "coco"), {"coco": (64, 64)}, batch_size=4, max_images=4,
+                               progress=lambda _: None)
+    assert [layer["name"] for layer in stats["layers"]][3:5] == ["moe 3", "attention 0"]
+    assert [len(u) for u in usage_of(stats, "coco")] == [16] * 4  # what pruning reads: the MoE MLPs only
     plot_expert_maps(result, tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 0

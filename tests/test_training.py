@@ -1,7 +1,6 @@
 """The training job on 2 gloo ranks with real engines: exact resume, ZeRO stages, the non-finite guard,
 and config errors caught before any process group exists."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, demo_overrides, free_port, run_ranks, train_cli
+from conftest import demo_overrides, run_ranks, train_cli
 from mthl_ds.engine import launcher_free_env
 
 
