@@ -54,14 +54,21 @@ def job_field(env, job, field):
 
 
 def wait_for(env, job, run_dir, timeout=900):
-    """Wait for the job to end. A requeued job waits for a begin time Slurm sets; start it now instead."""
+    """Wait for the job to end. A requeued job waits for a begin time Slurm sets (~2 min); start it sooner. Not
+    at once: slurmd refuses a job whose credential is from the second its previous run's was revoked in
+    ("Killing non-startable batch JobId: Job credential revoked"), which a start within a second hits."""
     deadline = time.time() + timeout
+    held_since = None
     while time.time() < deadline:
         state = job_field(env, job, "JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
         if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+            held_since = held_since or time.time()
+            if time.time() - held_since > 3:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        else:
+            held_since = None
         time.sleep(1)
     raise AssertionError(f"job {job} still {state} after {timeout} s; log: {list(run_dir.glob('slurm-*.out'))}")
 
