@@ -109,16 +109,22 @@ def cmd_stats(args) -> int:
     if args.grad_cosine and (len(pair) != 2 or not set(pair) <= set(data)):
         raise UsageError(f"--grad-cosine {args.grad_cosine!r}: name two of the --data sets {sorted(data)}, as A,B")
     model, label = load_model(args.model)
+    layers = stats.gate_names(model)
+    if args.maps and not -len(layers) <= args.map_layer < len(layers):
+        raise UsageError(f"--map-layer {args.map_layer}: {args.model} has {len(layers)} routed layers {layers}")
+    models = {label: model}
+    for path in args.compare or []:  # every checkpoint loaded and checked before any work
+        other, other_label = load_model(path)
+        if stats.gate_names(other) != layers:
+            raise UsageError(f"--compare {path}: its routed layers {stats.gate_names(other)} are not those of "
+                             f"{args.model} {layers}; compare checkpoints of one model")
+        models[other_label if other_label not in models else str(path)] = other
     built = model.built_from
     sizes = {n: tuple(args.size or built["datasets"].get(n, {}).get("size") or (built["model"]["img_size"],) * 2)
              for n in data}
     written = stats.write_statistics(stats.routing_statistics(model, data, sizes, batch_size=args.batch_size,
                                                               max_images=args.max_images), args.out)
     if args.compare:
-        models = {label: model}
-        for path in args.compare:
-            other, other_label = load_model(path)
-            models[other_label if other_label not in models else str(path)] = other
         result = stats.routing_convergence(models, data, sizes, args.batch_size, args.max_images or 64)
         written += [write_json(result, args.out / "hamming.json")]
         stats.plot_convergence(result, args.out / "hamming.png")

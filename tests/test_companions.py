@@ -291,3 +291,18 @@ def test_expert_maps_of_moe_attention_give_two_distinct_experts_per_patch(shards
     assert [len(u) for u in usage_of(stats, "coco")] == [16] * 4  # what pruning reads: the MoE MLPs only
     plot_expert_maps(result, tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 0
+
+
+def test_stats_refuses_a_bad_layer_or_a_different_model_before_any_work(shards, tmp_path, capsys):
+    from mthl_ds.cli import main
+    from mthl_ds.export import save_export
+    demo = save_export(tmp_path / "demo.safetensors", build_model(load_recipe("demo")), {})
+    squad = save_export(tmp_path / "squad.safetensors", build_model(load_recipe("demo_modsquad")), {})
+    common = ["--data", f"coco={shards / 'coco'}", "--split", "val", "--out", str(tmp_path / "out")]
+    assert main(["stats", str(demo), *common, "--maps", "1", "--map-layer", "5"]) == 2
+    assert "--map-layer 5" in capsys.readouterr().err
+    assert main(["stats", str(demo), *common, "--compare", str(squad)]) == 2
+    assert f"--compare {squad}" in capsys.readouterr().err
+    assert main(["stats", str(demo), *common, "--grad-cosine", "coco,ade20k"]) == 2
+    assert "--grad-cosine 'coco,ade20k'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
