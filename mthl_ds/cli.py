@@ -115,10 +115,11 @@ def cmd_stats(args) -> int:
     models = {label: model}
     for path in args.compare or []:  # every checkpoint loaded and checked before any work
         other, other_label = load_model(path)
-        if stats.gate_names(other) != layers:
-            raise UsageError(f"--compare {path}: its routed layers {stats.gate_names(other)} are not those of "
-                             f"{args.model} {layers}; compare checkpoints of one model")
         models[other_label if other_label not in models else str(path)] = other
+        try:
+            stats.same_layers(models)
+        except ValueError as e:
+            raise UsageError(f"--compare {path}: {e}") from None
     built = model.built_from
     sizes = {n: tuple(args.size or built["datasets"].get(n, {}).get("size") or (built["model"]["img_size"],) * 2)
              for n in data}
@@ -126,15 +127,11 @@ def cmd_stats(args) -> int:
                                                               max_images=args.max_images), args.out)
     if args.compare:
         result = stats.routing_convergence(models, data, sizes, args.batch_size, args.max_images or 64)
-        written += [write_json(result, args.out / "hamming.json")]
-        stats.plot_convergence(result, args.out / "hamming.png")
-        written.append(args.out / "hamming.png")
+        written += stats.write_result(result, args.out, "hamming", stats.plot_convergence)
     if pair:
         result = stats.gradient_cosine(model, {n: data[n] for n in pair}, sizes, args.grad_batches,
                                        args.batch_size, args.grad_params)
-        written += [write_json(result, args.out / "grad_cosine.json")]
-        stats.plot_gradient_cosine(result, args.out / "grad_cosine.png")
-        written.append(args.out / "grad_cosine.png")
+        written += stats.write_result(result, args.out, "grad_cosine", stats.plot_gradient_cosine)
         print(f"gradient cosine {pair[0]} vs {pair[1]} on {result['parameters']} shared parameters: mean "
               f"{result['mean_overall']:.3f} over {len(result['batches'])} batch pairs")
     if args.maps:
@@ -144,12 +141,6 @@ def cmd_stats(args) -> int:
     for path in written:
         print(path)
     return 0
-
-
-def write_json(value, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1) + "\n")
-    return path
 
 
 def new_dataset(args, name: str, folder: Path):

@@ -166,11 +166,7 @@ def routing_convergence(models: dict[str, MTHLModel], data: dict[str, ShardSet],
     token, ``|A xor B|``; ``share``: that over ``|A| + |B|``, so 0 is the same choice and 1 disjoint experts
     (comparable across K, which AES changes during a run)."""
     labels = list(models)
-    names = gate_names(models[labels[0]])
-    for label in labels[1:]:
-        if gate_names(models[label]) != names:
-            raise ValueError(f"{label} has layers {gate_names(models[label])}, {labels[0]} has {names}: "
-                             "compare checkpoints of the same model")
+    names = same_layers(models)
     decisions = {}
     for label, model in models.items():
         decisions[label] = routing_decisions(model, data, sizes, batch_size, max_images)
@@ -182,16 +178,28 @@ def routing_convergence(models: dict[str, MTHLModel], data: dict[str, ShardSet],
             h = torch.zeros(len(labels), len(labels), dtype=torch.float64)
             f = torch.zeros_like(h)
             for a, la in enumerate(labels):
-                for b, lb in enumerate(labels):
+                for b in range(a + 1, len(labels)):  # symmetric, zero on the diagonal
+                    lb = labels[b]
                     x, y = decisions[la][name][li], decisions[lb][name][li]
                     if x.shape != y.shape:
                         raise ValueError(f"{la} and {lb} route different numbers of experts in {layer_name}")
                     differ = (x ^ y).sum(1).double()
-                    h[a, b] = differ.mean()
-                    f[a, b] = (differ / (x.sum(1) + y.sum(1)).clamp(min=1)).mean()
+                    h[a, b] = h[b, a] = differ.mean()
+                    f[a, b] = f[b, a] = (differ / (x.sum(1) + y.sum(1)).clamp(min=1)).mean()
             hamming[name], share[name] = h.tolist(), f.tolist()
         layers.append({"name": layer_name, "hamming": hamming, "share": share})
     return {"checkpoints": labels, "datasets": list(data), "layers": layers}
+
+
+def same_layers(models: dict[str, MTHLModel]) -> list[str]:
+    """The routed layers all ``models`` share; a ValueError naming the first model whose layers differ."""
+    labels = list(models)
+    names = gate_names(models[labels[0]])
+    for label in labels[1:]:
+        if gate_names(models[label]) != names:
+            raise ValueError(f"{label} has routed layers {gate_names(models[label])}, {labels[0]} has {names}: "
+                             "compare checkpoints of one model")
+    return names
 
 
 def plot_convergence(result: dict, path: Path) -> None:
@@ -277,7 +285,7 @@ def gradient_cosine(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[str
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
 
 
 def plot_gradient_cosine(result: dict, path: Path) -> None:
@@ -322,7 +330,7 @@ def expert_maps(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[str, tu
             model.set_dataset(name)
             for batch in images_of(shard_set, sizes[name], count, count):
                 model.backbone(batch["image"])
-                ranked = recorder.take_ranked()[layer if layer >= 0 else len(gates) + layer]
+                ranked = recorder.take_ranked()[layer]
                 per_image = ranked.view(len(batch["image"]), -1, ranked.shape[1])
                 prefix = getattr(model.backbone.net, "num_prefix_tokens", 0)
                 rows, cols = token_grid(per_image.shape[1], sizes[name], prefix)
@@ -377,6 +385,14 @@ def plot_similarity(stats: dict, path: Path) -> None:
     heatmap_panels([np.asarray(layer["similarity"]) for layer in stats["layers"]],
                    [layer.get("name", f"MoE layer {i}") for i, layer in enumerate(stats["layers"])], stats["routers"],
                    path, vmax=1, cmap="magma", title="share of chosen experts two routers have in common on the same tokens")
+
+
+def write_result(result: dict, out: Path, name: str, plot) -> list[Path]:
+    """``out/NAME.json`` and ``out/NAME.png`` drawn by ``plot(result, path)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / f"{name}.png")
+    return [out / f"{name}.json", out / f"{name}.png"]
 
 
 def write_statistics(stats: dict, out: Path) -> list[Path]:
