@@ -279,9 +279,10 @@ class Trainer:
     def open_metrics(self):
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [line for line in path.read_text().splitlines() if logged_by(json.loads(line), self.step)]
-            self.history = [json.loads(line) for line in kept if "loss" in json.loads(line)]
-            path.write_text("".join(line + "\n" for line in kept))
+            rows = [(line, json.loads(line)) for line in path.read_text().splitlines()]
+            kept = [(line, row) for line, row in rows if logged_by(row, self.step)]
+            self.history = [row for _, row in kept if "loss" in row]
+            path.write_text("".join(line + "\n" for line, _ in kept))
         return path.open("a")
 
     # ---- one step
@@ -417,7 +418,7 @@ class Trainer:
         # K set during training (AES) is not in the weights: replay the checkpoint's rules the new model lacks
         later = saved["model"]["surgery"][len(self.model.surgery):]
         if any(rule["op"] != "set_top_k" for rule in later):
-            raise ShardError(f"{self.ckpt_dir / tag}: surgery during training other than set_top_k: {later}")
+            raise ConfigError(f"{self.ckpt_dir / tag}: surgery during training other than set_top_k: {later}")
         surgery.apply(self.model, later)
         if self.selection is not None:
             self.selection.load_state_dict(state["aes"])
