@@ -26,6 +26,12 @@ def cmd_recipes(args) -> int:
 def cmd_model_info(args) -> int:
     from mthl_ds.model_info import format_info, model_info
     recipe = load_recipe(args.recipe, args.set)
+    if args.memory:
+        from mthl_ds.memory import format_plan, plan_recipe
+        plan = plan_recipe(recipe, args.gpus, [float(g) for g in args.gpu_memory.split(",")],
+                           progress=(lambda _: None) if args.json else print)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        return 0
     info = model_info(recipe)
     print(json.dumps(info, indent=2) if args.json else format_info(recipe.name, info))
     return 0
@@ -207,6 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("recipe")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--memory", action="store_true", help="per-GPU memory plan: states from the ZeRO layout, activations "
+                   "measured at batch 1 and 2 at the real input sizes and extrapolated to the recipe's batch")
+    p.add_argument("--gpus", type=int, default=96, help="--memory: GPUs of the run")
+    p.add_argument("--gpu-memory", default="16,32", metavar="GB,GB", help="--memory: card sizes to check")
     p.set_defaults(fn=cmd_model_info)
     p = sub.add_parser("demo", help="synthetic world -> shards -> 2-rank training (ZeRO 2, LAMB, ep 2) -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from mthl_ds.models.geometry import size_problem
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 TASKS = ("classification", "detection", "segmentation")
@@ -62,6 +64,7 @@ class ModelConfig:
     img_size: int = 224
     drop_path_rate: float = 0.1
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)  # None: the dense twin (MTHL.D)
+    grad_checkpointing: bool = False  # recompute backbone blocks in backward (activation memory for compute)
 
 
 @dataclass
@@ -111,6 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
     aes: Optional[AESConfig] = None  # adaptive K per dataset (AdaMV-MoE); None: K stays as configured
+    dataset_cycle: tuple[str, ...] = ()  # these datasets in turn instead of weighted sampling (rehearsals, debugging)
 
 
 @dataclass
@@ -254,6 +258,9 @@ def validate(recipe: Recipe) -> None:
             if not 1 <= att.top_k <= att.num_experts:
                 raise ConfigError(f"model.moe.attention.top_k={att.top_k} must be between 1 and "
                                   f"num_experts={att.num_experts}")
+    unknown = [n for n in recipe.train.dataset_cycle if n not in recipe.datasets]
+    if unknown:
+        raise ConfigError(f"train.dataset_cycle names {unknown}, not datasets of the recipe {list(recipe.datasets)}")
     aes = recipe.train.aes
     if aes is not None:
         if moe is None:
@@ -278,6 +285,9 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError(f"datasets.{name}.size={list(d.size)} must be [height, width]")
         if d.sample_weight < 0:
             raise ConfigError(f"datasets.{name}.sample_weight={d.sample_weight} must be >= 0")
+        problem = size_problem(recipe.model.backbone, recipe.model.img_size, d.task, d.size)
+        if problem:
+            raise ConfigError(f"datasets.{name}.size={list(d.size)}: {problem}")
 
 
 def validate_adapt(a: AdaptConfig) -> None:

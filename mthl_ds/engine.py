@@ -205,22 +205,3 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if distributed():
         torch.distributed.barrier()
-
-
-@torch.no_grad()
-def sync_norm_statistics(module: nn.Module) -> None:
-    """Average BatchNorm running statistics over ranks (one collective). DeepSpeed, unlike DDP, leaves them
-    per rank; kept equal, they make evaluation rank-independent and checkpoints (saved by rank 0) exact."""
-    if not distributed():
-        return
-    stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             for t in (m.running_mean, m.running_var)]
-    if not stats:
-        return
-    flat = torch.cat([t.flatten() for t in stats])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for t in stats:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()

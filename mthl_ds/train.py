@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -36,7 +37,7 @@ from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
 from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
-                             init_distributed, sync_norm_statistics, world)
+                             init_distributed, world)
 from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
 from mthl_ds.models.mthl import MTHLModel, build_model
 from mthl_ds.surgery import SurgeryError, shard_experts
@@ -201,7 +202,7 @@ def evaluate(forward, model, recipe: Recipe, val_sets: dict[str, ShardSet], rank
         model.set_dataset(name)
         head = model.heads[name]
         for batch in loader:
-            evaluator.update(head.predict(forward(batch["image"]), batch), batch)
+            evaluator.update(head.predict(forward(batch["image"].to(model.dtype)), batch), batch)
         metrics = evaluator.result(all_reduce_sum, all_gather_objects)
         results[name] = {"task": d.task, "metric": evaluator.metric, "value": metrics[evaluator.metric],
                          "chance": chance_level(evaluator, d.num_classes), "all": metrics}
@@ -241,7 +242,8 @@ class Trainer:
         model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
         self.engine, self.optimizer, self.scheduler = build_engine(model, r)
         self.model = self.engine.module
-        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed)
+        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed,
+                                      r.train.dataset_cycle)
         self.step, loader_states = 0, {}
         layers = self.model.backbone.moe_layers
         widest = max((layer.num_experts for layer in layers), default=0)
@@ -276,6 +278,13 @@ class Trainer:
                 **{k: os.environ[k] for k in keys if k in os.environ}}
         (folder / f"rank{self.rank}.json").write_text(json.dumps(info, indent=1) + "\n")
 
+    def record_exit(self) -> None:
+        """Add the rank's peak resident memory and the steps it ran to its launch record."""
+        path = self.run_dir / "launch" / f"rank{self.rank}.json"
+        info = json.loads(path.read_text())
+        info.update(end_step=self.step, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        path.write_text(json.dumps(info, indent=1) + "\n")
+
     def open_metrics(self):
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # drop what a killed run logged after its last checkpoint
@@ -287,30 +296,48 @@ class Trainer:
 
     # ---- one step
     def train_step(self, step: int) -> dict:
+        """One step of one dataset. A step whose update is thrown away (a non-finite loss on any rank, or an fp16
+        gradient overflow, after which DeepSpeed lowers the loss scale and leaves weights and optimizer state as
+        they were) is skipped as a whole and still counts as a step: the LR schedule stays on the trainer's step
+        (DeepSpeed alone would hold it back on an overflow), AES counts it in its patience, and the routing it
+        measured neither moves ``B(D, E)`` nor the expert-usage counters, since no update followed from it.
+        ``B(D, E)`` is folded only after the update, so a recomputed block (activation checkpointing) sees the
+        buffer its forward saw."""
         start = time.perf_counter()
         r = self.recipe
         name = self.sampler.dataset_at(step)
         batch = next(self.loaders[name])
         self.model.set_dataset(name)
-        output = self.engine(batch["image"])
+        output = self.engine(batch["image"].to(self.model.dtype))
         task_loss, parts = self.model.heads[name].loss(output, batch)
         router_loss = self.model.backbone.router_loss()
         loss = r.datasets[name].loss_weight * task_loss + router_loss
         record = {"step": step, "dataset": name, "loss": float(task_loss.detach()), **parts,
                   **{f"router/{k}": v for k, v in self.model.backbone.router_loss_terms().items()},
                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.engine.fp16_enabled():
+            record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         if not self.all_finite(loss, step, name):
-            self.scheduler.step()  # keep the schedule on the global step
-            return {**record, "skipped": True}
-        self.model.backbone.update_routing_buffers(all_reduce_mean)
+            return self.skipped(record, name, "non-finite loss")
         self.engine.backward(loss)
         self.engine.step()
-        sync_norm_statistics(self.model.heads[name])
+        if not self.engine.was_step_applied():
+            if self.rank == 0:
+                log.warning("fp16 gradient overflow at step %d on dataset %r (loss scale %s): every rank skips the "
+                            "update; the loss scale is now %s", step, name, record["loss_scale"],
+                            self.engine.optimizer.loss_scale)
+            return self.skipped(record, name, "gradient overflow")
+        self.model.backbone.update_routing_buffers(all_reduce_mean)
         for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
             gate_usage[:layer.num_experts] += layer.gate.counts.float()
         seconds = time.perf_counter() - start
         record.update(seconds=seconds, images_per_s=r.datasets[name].batch_size * self.world / seconds)
         return record
+
+    def skipped(self, record: dict, name: str, reason: str) -> dict:
+        self.scheduler.step()  # keep the schedule on the global step
+        self.model.backbone.discard_routing_statistics()
+        return {**record, "skipped": True, "skip_reason": reason}
 
     def all_finite(self, loss: torch.Tensor, step: int, name: str) -> bool:
         """Every rank learns at the same step whether any rank's loss is not finite."""
@@ -364,7 +391,8 @@ class Trainer:
             for batch in loader:  # every rank reads the same number of (padded) batches
                 if aes.max_batches and len(losses) == aes.max_batches:
                     break
-                losses.append(float(self.model.heads[name].loss(self.engine(batch["image"]), batch)[0]))
+                images = batch["image"].to(self.model.dtype)
+                losses.append(float(self.model.heads[name].loss(self.engine(images), batch)[0]))
             means.append(sum(losses) / len(losses))
         self.engine.train()
         return dict(zip(names, all_reduce_mean(torch.tensor(means, dtype=torch.float64)).tolist()))
@@ -463,6 +491,7 @@ class Trainer:
                 if self.rank == 0:
                     log.warning("stop requested: checkpoint saved at step %d", self.step)
                 self.stopped_early = True
+                self.record_exit()
                 return None
         bar.close()
         if saved_at != self.step:
@@ -471,6 +500,7 @@ class Trainer:
         self.usage = {n: all_reduce_sum(u) for n, u in self.usage.items()}
         if self.rank == 0:
             self.finish(results)
+        self.record_exit()
         return results
 
     def log_eval(self, results: dict) -> None:

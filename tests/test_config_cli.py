@@ -63,6 +63,7 @@ def test_overrides_are_typed():
     (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
     (["datasets.coco.task=depth"], "datasets.coco.task: 'depth' is not one of"),
     (["train.ds_config=missing.json"], "train.ds_config: 'missing.json' is neither a file"),
+    (["train.dataset_cycle=[coco, voc]"], r"train.dataset_cycle names \['voc'\], not datasets of the recipe"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

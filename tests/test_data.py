@@ -126,6 +126,8 @@ def test_sampler_matches_weights_and_resumes():
                         for t in range(500)]
     mix = sampler.realised_mix(counts)
     assert abs(mix["imagenet"]["share"] - 0.5) < 0.03 and mix["ade20k"]["target"] == pytest.approx(1 / 6)
+    cycled = TwoStepSampler({"imagenet": 3, "coco": 2, "ade20k": 1}, seed=11, cycle=("coco", "ade20k"))
+    assert [cycled.dataset_at(t) for t in range(5)] == ["coco", "ade20k", "coco", "ade20k", "coco"]
 
 
 def epoch0_keys(shard_set, rank, world, workers):

@@ -162,3 +162,37 @@ def test_drop_tokens_false_keeps_every_route():
     gate = make_gate(drop_tokens=False, capacity_factor=0.1)
     indices = gate(torch.randn(50, 16))[3]
     assert (indices >= 0).all()
+
+
+@pytest.mark.parametrize("drop_tokens", [True, False])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_top_k_routes_equal_deepspeed_topkgating_without_ties(drop_tokens, capacity_factor):
+    from deepspeed.moe.sharded_moe import topkgating
+    from mthl_ds.moe.gate import top_k_routes
+    logits = torch.randn(300, 12, generator=torch.Generator().manual_seed(5))
+    ours = top_k_routes(logits, 4, capacity_factor, 4, drop_tokens)
+    l_aux, capacity, _, indices, locations, _, counts = topkgating(logits, 4, capacity_factor, 4, drop_tokens,
+                                                                   sparse_routes=True)
+    assert int(ours[1]) == int(capacity) and torch.equal(ours[4], counts)
+    assert torch.equal(ours[2], indices) and torch.equal(ours[3], locations)
+    assert torch.equal(ours[0], l_aux)
+
+
+def test_tied_routes_go_to_the_lower_expert_and_earlier_token_whatever_the_batch():
+    """Exact ties (identical tokens with equal logits for several experts, as padding gives): every copy of the
+    token takes the lowest experts of the tie, and capacity keeps the earliest copies, in any batch."""
+    from mthl_ds.moe.gate import top_k_routes
+    tied = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 3.0]])
+    for seed in range(4):
+        others = torch.randn(20, 6, generator=torch.Generator().manual_seed(seed))
+        batch = torch.cat([others[:seed * 3], tied.expand(6, 6), others[seed * 3:]])
+        _, capacity, indices, locations, _ = top_k_routes(batch, 2, 1.0, 2, True)
+        copies = slice(seed * 3, seed * 3 + 6)
+        chosen = indices[:, copies]
+        routed = chosen[chosen >= 0].tolist()
+        assert set(routed) <= {1, 2}, chosen
+        for expert in (1, 2):  # the copies a full expert keeps are the earliest ones
+            kept = [i for i in range(6) if expert in chosen[:, i].tolist()]
+            assert kept == list(range(len(kept))), (expert, chosen)
+        no_drop = top_k_routes(batch, 2, 1.0, 2, False)[1]
+        assert top_k_routes(batch, 2, 1.0, 2, False)[2][:, copies].tolist() == [[1] * 6, [2] * 6], no_drop

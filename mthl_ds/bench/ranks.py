@@ -16,6 +16,7 @@ from mthl_ds.bench.common import side_by_side
 from mthl_ds.bench.suite import fake_batch, step_loss
 from mthl_ds.config import load_recipe
 from mthl_ds.engine import all_reduce_mean, build_engine, ep_rank, init_distributed, world
+from mthl_ds.memory import tensor_bytes
 from mthl_ds.models.mthl import build_model
 
 
@@ -41,21 +42,6 @@ def train_steps(engine, batches: dict, steps: int):
                 backward(engine, name, batch)
                 engine.step()
     return run
-
-
-def tensor_bytes(obj, seen: set, skip: set) -> int:
-    """Bytes of the tensors in nested dicts / lists / tuples, each storage once, storages in ``skip`` not at all."""
-    if isinstance(obj, torch.Tensor):
-        ptr = obj.untyped_storage().data_ptr()
-        if ptr in seen or ptr in skip or obj.numel() == 0:
-            return 0
-        seen.add(ptr)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen, skip) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen, skip) for v in obj)
-    return 0
 
 
 def state_bytes(engine, name: str, batch: dict) -> dict[str, int]:

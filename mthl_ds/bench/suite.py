@@ -33,6 +33,7 @@ from mthl_ds.bench.common import side_by_side
 from mthl_ds.config import Recipe, load_recipe
 from mthl_ds.engine import free_port, launcher_free_env
 from mthl_ds.model_info import dense_twin
+from mthl_ds.models.geometry import padded
 from mthl_ds.moe.gate import PerDatasetGate
 from mthl_ds.moe.layer import MoEMlp
 
@@ -107,11 +108,14 @@ def layer_rows(dim: int, tokens: int, experts: int, top_k: int, repeats: int) ->
 
 
 # ---- B3, B8: the demo model's train step, one process
-def fake_batch(recipe: Recipe, name: str, seed: int = 0) -> dict:
-    """A batch of ``name``'s shapes (random pixels, labels, boxes, masks): timing needs shapes, not content."""
+def fake_batch(recipe: Recipe, name: str, seed: int = 0, batch_size: int = 0) -> dict:
+    """A batch of ``name``'s shapes (random pixels, labels, boxes, masks): timing needs shapes, not content.
+    ``batch_size``: 0 for the dataset's."""
     d = recipe.datasets[name]
+    if batch_size:
+        d = dataclasses.replace(d, batch_size=batch_size)
     gen = torch.Generator().manual_seed(seed)
-    h, w = d.size
+    h, w = padded(d.size) if d.task == "detection" else d.size  # the detection canvas
     batch = {"image": torch.randn(d.batch_size, 3, h, w, generator=gen)}
     if d.task == "classification":
         batch["label"] = torch.randint(0, d.num_classes, (d.batch_size,), generator=gen)

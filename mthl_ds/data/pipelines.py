@@ -20,6 +20,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
+from mthl_ds.models.geometry import padded
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -91,18 +92,31 @@ def classification_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     return decode
 
 
-def fit_and_pad(img: Image.Image, size: tuple[int, int], resample) -> tuple[torch.Tensor, float]:
-    """Resize keeping aspect to fit ``size`` (h, w), normalise, pad bottom/right with zeros (the mean colour)."""
+def fit_and_pad(img: Image.Image, size: tuple[int, int], resample,
+                canvas: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, float]:
+    """Resize keeping aspect to fit ``size`` (h, w), normalise, pad bottom/right with zeros (the mean colour) to
+    ``canvas`` (default: ``size``)."""
     h, w = size
+    canvas_h, canvas_w = canvas or size
     scale = min(h / img.height, w / img.width)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     tensor = to_normalized(img.resize(new, resample))
-    return F.pad(tensor, (0, w - new[0], 0, h - new[1])), scale
+    return F.pad(tensor, (0, canvas_w - new[0], 0, canvas_h - new[1])), scale
 
 
 def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
-    """Flip with boxes (train), resize keeping aspect into the canvas, pad. Boxes become xyxy in canvas pixels;
-    crowd boxes are dropped for training and kept (flagged) for evaluation."""
+    """Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's ``Resize(keep_ratio=True)``), pad
+    to the canvas, ``size`` padded up to a multiple of 32 (mmdet's ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x
+    1344). Boxes become xyxy in canvas pixels; crowd boxes are dropped for training and kept (flagged) for
+    evaluation.
+
+    Portrait images: mmdet fits the long side to 1333 and the short side to 800 whatever the orientation, and
+    groups each batch by orientation, so a 480 x 640 (w x h) image becomes 800 x 1067. Here every image of a
+    dataset shares one landscape canvas, so a portrait image is fitted to the canvas height instead (600 x 800,
+    0.75 of mmdet's scale). Deliberate: one shape per dataset keeps the expert-parallel ranks' token counts equal
+    without grouping batches, and the loaders then resume exactly by sample ordinal (a grouping buffer would hold
+    samples across a checkpoint)."""
+    canvas = padded(cfg.size)
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
         meta = json.loads(sample["json"])
         img = open_rgb(image_bytes(sample))
@@ -115,7 +129,7 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
                 boxes = torch.stack([img.width - boxes[:, 2], boxes[:, 1], img.width - boxes[:, 0], boxes[:, 3]], 1)
-        image, scale = fit_and_pad(img, cfg.size, Image.BILINEAR)
+        image, scale = fit_and_pad(img, cfg.size, Image.BILINEAR, canvas)
         return {"image": image, "boxes": boxes * scale, "labels": labels, "image_id": meta["image_id"],
                 "scale": scale, "orig_size": (meta["height"], meta["width"])}
     return decode

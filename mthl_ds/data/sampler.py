@@ -11,7 +11,9 @@ import numpy as np
 
 
 class TwoStepSampler:
-    def __init__(self, weights: dict[str, float], seed: int = 0):
+    """``cycle``: take these datasets in turn instead (step t gets ``cycle[t % len(cycle)]``)."""
+
+    def __init__(self, weights: dict[str, float], seed: int = 0, cycle: tuple[str, ...] = ()):
         if not weights:
             raise ValueError("two-step sampling needs at least one dataset")
         bad = {n: w for n, w in weights.items() if not w >= 0}
@@ -21,8 +23,11 @@ class TwoStepSampler:
         total = float(sum(weights.values()))
         self.probs = np.array([weights[n] / total for n in self.names])
         self.seed = seed
+        self.cycle = tuple(cycle)
 
     def dataset_at(self, step: int) -> str:
+        if self.cycle:
+            return self.cycle[step % len(self.cycle)]
         u = np.random.default_rng([self.seed, step]).random()
         return self.names[min(int(np.searchsorted(np.cumsum(self.probs), u, side="right")), len(self.names) - 1)]
 

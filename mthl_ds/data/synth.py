@@ -206,3 +206,104 @@ def write_world(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]
     write_segmentation(roots["streets"], STREETS_CLASSES, "streets", seed, "streets", size.seg_train // 2,
                        size.seg_val)
     return roots
+
+
+# ------------------------------------------------------------------------------------------- real-size world
+
+# COCO's 80 category ids (1..90 with gaps), as in instances_*.json
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def jittered(rng: np.random.Generator, width: int, height: int, spread: float = 0.15) -> tuple[int, int]:
+    scale = 1 + rng.uniform(-spread, spread)
+    return max(32, round(width * scale)), max(32, round(height * scale))
+
+
+def real_classification(root: Path, seed: int, train: int, val: int) -> None:
+    """ILSVRC layout with ImageNet's 1000-class list; ``train`` images over a few class folders, ~500 x 375."""
+    wnids = [f"n{10000000 + i:08d}" for i in range(1000)]
+    (root / "LOC_synset_mapping.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(wnids)))
+
+    def image(rng):
+        w, h = jittered(rng, 500, 375)
+        img = Image.fromarray(noisy_background(rng, h, w))
+        r = int(rng.integers(min(w, h) // 6, min(w, h) // 3))
+        cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
+        draw_shape(ImageDraw.Draw(img), SHAPES[int(rng.integers(len(SHAPES)))], (cx - r, cy - r, cx + r, cy + r),
+                   tuple(int(v) for v in rng.integers(0, 256, 3)))
+        return img
+
+    for i in range(train):
+        wnid = wnids[(i * 37) % 1000]
+        save_jpeg(image(rng_for(seed, "real-imagenet", "train", i)), root / "train" / wnid / f"{wnid}_{i}.JPEG")
+    rows = ["ImageId,PredictionString"]
+    for i in range(val):
+        stem = f"ILSVRC2012_val_{i + 1:08d}"
+        save_jpeg(image(rng_for(seed, "real-imagenet", "val", i)), root / "val" / f"{stem}.JPEG")
+        rows.append(f"{stem},{wnids[(i * 53) % 1000]} 0 0 10 10")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+
+
+def real_detection(root: Path, seed: int, train: int, val: int) -> None:
+    """COCO layout with its 80 category ids; ~640 x 480 images, a third portrait; 0-20 boxes each (every fifth
+    image none), crowd boxes and tiny (2-8 px) boxes among them."""
+    ann_id = 1
+    categories = [{"id": cid, "name": f"category_{cid}", "supercategory": "thing"} for cid in COCO_IDS]
+    for split, count, offset in (("train", train, 1), ("val", val, 900_001)):
+        images, annotations = [], []
+        for i in range(count):
+            rng = rng_for(seed, "real-coco", split, i)
+            w, h = jittered(rng, 640, 480, 0.1)
+            if i % 3 == 1:
+                w, h = h, w
+            img = Image.fromarray(noisy_background(rng, h, w))
+            draw = ImageDraw.Draw(img)
+            n_boxes = 0 if i % 5 == 4 else int(rng.integers(1, 21))
+            for b in range(n_boxes):
+                tiny = b % 4 == 3
+                bw, bh = (int(rng.integers(2, 9)), int(rng.integers(2, 9))) if tiny else \
+                    (int(rng.integers(16, w // 2)), int(rng.integers(16, h // 2)))
+                x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                draw.rectangle((x0, y0, x0 + bw, y0 + bh), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+                annotations.append({"id": ann_id, "image_id": offset + i, "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                                    "category_id": COCO_IDS[int(rng.integers(len(COCO_IDS)))], "area": float(bw * bh),
+                                    "iscrowd": int(b % 7 == 6)})
+                ann_id += 1
+            file_name = f"{offset + i:012d}.jpg"
+            save_jpeg(img, root / f"{split}2017" / file_name)
+            images.append({"id": offset + i, "file_name": file_name, "width": w, "height": h})
+        out = root / "annotations" / f"instances_{split}2017.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def real_segmentation(root: Path, seed: int, train: int, val: int) -> None:
+    """ADE20K layout with 150 classes (``objectInfo150.csv``); ~683 x 512 scenes of rectangles of any of the
+    150 labels, and 0 (unlabeled) around them."""
+    (root / "objectInfo150.csv").parent.mkdir(parents=True, exist_ok=True)
+    (root / "objectInfo150.csv").write_text("Idx,Name\n" + "".join(f"{i},class_{i}\n" for i in range(1, 151)))
+    for split, tag, count in (("training", "train", train), ("validation", "val", val)):
+        for i in range(count):
+            rng = rng_for(seed, "real-ade", split, i)
+            w, h = jittered(rng, 683, 512, 0.1)
+            mask = np.zeros((h, w), dtype=np.uint8)
+            for _ in range(int(rng.integers(5, 25))):
+                x0, y0 = int(rng.integers(0, w - 16)), int(rng.integers(0, h - 16))
+                mask[y0:y0 + int(rng.integers(16, h // 2)), x0:x0 + int(rng.integers(16, w // 2))] = rng.integers(1, 151)
+            colors = rng_for(seed, "real-ade-colours").integers(0, 256, size=(151, 3)).astype(np.float64)
+            img = np.clip(colors[mask] + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+            stem = f"ADE_{tag}_{i + 1:08d}"
+            save_jpeg(img, root / "images" / split / f"{stem}.jpg")
+            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "annotations" / split / f"{stem}.png", format="PNG")
+
+
+def write_real_size_world(out: Path, seed: int = 0, train: int = 4, val: int = 2) -> dict[str, Path]:
+    """ImageNet, COCO and ADE20K at their real resolutions and label spaces, ``train`` / ``val`` images each:
+    what the rehearsal feeds the paper's recipes. Returns each dataset's root, as :func:`write_world`."""
+    roots = {"imagenet": out / "imagenet", "coco": out / "coco", "ade20k": out / "ADEChallengeData2016"}
+    real_classification(roots["imagenet"], seed, train, val)
+    real_detection(roots["coco"], seed, train, val)
+    real_segmentation(roots["ade20k"], seed, train, val)
+    return roots

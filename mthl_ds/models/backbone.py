@@ -184,6 +184,25 @@ class MoEBackbone(nn.Module):
                     terms[prefix + name] = terms.get(prefix + name, 0.0) + float(value.detach())
         return terms
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing: blocks (stages for DaViT) are re-run in backward. Each gate records
+        its routing once per forward (see ``RoutingContext``), and ``B(D, E)`` moves only after the backward
+        (the trainer folds it after the update), so a recomputed block routes and weighs its losses as the first
+        run did: the gradients are those of the run without checkpointing."""
+        self.net.set_grad_checkpointing(enable)
+
+    def checkpoint_units(self) -> list[nn.Module]:
+        """The modules timm's checkpointing re-runs one at a time: Swin's and the ViT's blocks, DaViT's stages."""
+        net = self.net
+        if hasattr(net, "layers"):
+            return [block for layer in net.layers for block in layer.blocks]
+        return list(net.stages) if hasattr(net, "stages") else list(net.blocks)
+
+    def discard_routing_statistics(self) -> None:
+        """Forget this forward's routing statistics (a skipped step): the MI buffers stay as they are."""
+        for gate in self.gates:
+            gate.pending_usage = None
+
     def update_routing_buffers(self, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         gates = [gate for gate in self.gates if gate.pending_usage is not None]
         if not gates:
@@ -201,6 +220,25 @@ def is_vit(net: nn.Module) -> bool:
     return type(net).__name__ == "VisionTransformer"
 
 
+def shift_windows_per_input(net: nn.Module) -> None:
+    """Decide each Swin block's window shift from the input it gets, as the reference Swin decides it for the
+    size it is built for: shift by half a window in every second block, except in a stage no larger than one
+    window. timm fixes the shift at build time from ``img_size``: built for 224, the last stage is one 7 x 7
+    window, so its blocks would never shift, also on an 800 x 1344 detection canvas (25 x 42 there), where mmdet's
+    Swin shifts. Windows (and their relative-position tables) stay as built; masks follow the shift per forward
+    (timm's ``dynamic_mask``)."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    def choose_shift(block: SwinTransformerBlock, args) -> None:
+        height, width = args[0].shape[1:3]
+        block.shift_size = tuple(0 if side <= w or not shifts else w // 2
+                                 for side, w, shifts in zip((height, width), block.window_size, block.target_shift_size))
+
+    for block in net.modules():
+        if isinstance(block, SwinTransformerBlock):
+            block.register_forward_pre_hook(choose_shift)
+
+
 def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
@@ -210,7 +248,10 @@ def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Mod
         kwargs.update(img_size=img_size, dynamic_img_size=True)
     if model_name.startswith("vit"):  # position embeddings resized per input; sizes padded to the patch
         kwargs.update(img_size=img_size, dynamic_img_size=True, dynamic_img_pad=True)
-    return timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    net = timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    if model_name.startswith("swin"):
+        shift_windows_per_input(net)
+    return net
 
 
 def build_backbone(name: str, datasets: Iterable[str], moe: Optional[MoEConfig], top_k: Optional[dict] = None,

@@ -16,13 +16,10 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from mthl_ds.data.pipelines import IGNORE_INDEX
-
 
 
 class ClassificationHead(nn.Module):
@@ -42,8 +39,30 @@ class ClassificationHead(nn.Module):
         return logits.float()
 
 
+def retina_cell_anchors(stride: int, octave_scale: float = 4.0, scales_per_octave: int = 3,
+                        ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> Tensor:
+    """mmdet's RetinaNet anchors of one level centred on (0, 0), (ratios x scales, 4) xyxy: side
+    ``stride * 4 * 2^(i/3)``, height / width = ratio. torchvision's ``AnchorGenerator`` rounds them to whole pixels;
+    mmdet does not, nor does this."""
+    scales = octave_scale * 2.0 ** (torch.arange(scales_per_octave, dtype=torch.float64) / scales_per_octave)
+    h_ratios = torch.tensor(ratios, dtype=torch.float64).sqrt()
+    ws = (stride / h_ratios[:, None] * scales[None, :]).flatten()
+    hs = (stride * h_ratios[:, None] * scales[None, :]).flatten()
+    return torch.stack([-ws / 2, -hs / 2, ws / 2, hs / 2], dim=1).float()
+
+
+def level_anchors(cell: Tensor, stride: int, height: int, width: int) -> Tensor:
+    """``cell`` anchors at every position of a (height, width) level, position-major: (H * W * A, 4)."""
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32) * stride,
+                            torch.arange(width, dtype=torch.float32) * stride, indexing="ij")
+    shifts = torch.stack([xs, ys, xs, ys], dim=-1).reshape(-1, 1, 4)
+    return (shifts + cell.view(1, -1, 4)).reshape(-1, 4)
+
+
 class RetinaNetDetectionHead(nn.Module):
-    """FPN P3-P7 + RetinaNet subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride (mmdet).
+    """FPN P3-P7 + RetinaNet subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride, placed at the
+    fixed strides 8-128 as mmdet places them (torchvision's generator derives each stride as canvas size // level
+    size, 61 and 114 px instead of 64 and 128 on an 800 x 1344 canvas), always in float32.
 
     ``loss`` and ``predict`` call torchvision's ``RetinaNet.compute_loss`` / ``postprocess_detections`` with
     this module in place of a ``RetinaNet`` (they read only the matcher, coder, head and thresholds set here).
@@ -57,9 +76,9 @@ class RetinaNetDetectionHead(nn.Module):
         super().__init__()
         self.fpn = FeaturePyramidNetwork(list(stage_channels[1:]), fpn_channels,
                                          extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
-        sizes = tuple(tuple(4 * s * 2 ** (i / 3) for i in range(3)) for s in self.strides)
-        self.anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        self.head = RetinaNetHead(fpn_channels, self.anchor_generator.num_anchors_per_location()[0], num_classes)
+        self.cell_anchors = [retina_cell_anchors(s) for s in self.strides]
+        self.num_anchors = len(self.cell_anchors[0])
+        self.head = RetinaNetHead(fpn_channels, self.num_anchors, num_classes)
         self.proposal_matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
@@ -69,9 +88,13 @@ class RetinaNetDetectionHead(nn.Module):
         pyramid = list(self.fpn({str(i): f for i, f in enumerate(features[1:])}).values())
         return {**self.head(pyramid), "pyramid": pyramid}
 
+    def level_anchors(self, pyramid: list[Tensor]) -> list[Tensor]:
+        return [level_anchors(cell, stride, *p.shape[-2:]).to(p.device)
+                for cell, stride, p in zip(self.cell_anchors, self.strides, pyramid)]
+
     def anchors(self, images: Tensor, pyramid: list[Tensor]) -> list[Tensor]:
-        sizes = [tuple(images.shape[-2:])] * images.shape[0]
-        return self.anchor_generator(ImageList(images, sizes), pyramid)
+        """Every image's anchors (all levels concatenated); every image of a batch shares the canvas."""
+        return [torch.cat(self.level_anchors(pyramid))] * images.shape[0]
 
     def loss(self, output: dict, batch: dict) -> tuple[Tensor, dict]:
         anchors = self.anchors(batch["image"], output["pyramid"])
@@ -85,9 +108,9 @@ class RetinaNetDetectionHead(nn.Module):
     def predict(self, output: dict, batch: dict) -> list[dict]:
         """Detections per image in the *original* image's pixels (boxes xyxy, scores, contiguous labels)."""
         images, pyramid = batch["image"], output["pyramid"]
-        per_level = [p.shape[-2] * p.shape[-1] * self.anchor_generator.num_anchors_per_location()[0] for p in pyramid]
+        per_level = [p.shape[-2] * p.shape[-1] * self.num_anchors for p in pyramid]
         split = {k: list(output[k].float().split(per_level, dim=1)) for k in ("cls_logits", "bbox_regression")}
-        anchors = [list(a.split(per_level)) for a in self.anchors(images, pyramid)]
+        anchors = [self.level_anchors(pyramid)] * images.shape[0]
         shapes = [tuple(images.shape[-2:])] * images.shape[0]
         detections = RetinaNet.postprocess_detections(self, split, anchors, shapes)
         for det, scale in zip(detections, batch["scale"].tolist()):
@@ -149,6 +172,52 @@ class UperNetSegmentationHead(nn.Module):
         return logits.argmax(1)
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the whole batch of every rank, computed in float32: mmseg's UperNet uses SyncBN, and its
+    pyramid pooling normalises 1 x 1 features, whose per-rank statistics at the paper's 2 images per GPU are two
+    values per channel (at 1 image, none: PyTorch refuses them). Every rank of a step runs the same dataset, so
+    the statistics are taken over all ranks (two all-reduces: sum, then centred squares, both differentiable), and
+    the running statistics are the same on every rank. Float32 whatever the input and weights, as mmcv's fp16
+    training and apex keep BatchNorm: DeepSpeed's fp16 / bf16 engine casts the weights but keeps the running
+    statistics in float32, a mix that not every kernel takes. In one process it is ``nn.BatchNorm2d`` in float32.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if not (self.training and distributed):
+            update = self.training and self.track_running_stats
+            if update:
+                self.num_batches_tracked.add_(1)
+            stats = (None, None) if self.training and not self.track_running_stats else (self.running_mean,
+                                                                                         self.running_var)
+            out = F.batch_norm(x.float(), *stats, self.weight.float(), self.bias.float(),
+                               self.training or not self.track_running_stats, self.momentum if update else 0.0,
+                               self.eps)
+            return out.to(x.dtype)
+        from torch.distributed.nn.functional import all_reduce
+        x32 = x.float()
+        count = x32.numel() // x32.shape[1] * torch.distributed.get_world_size()
+        mean = all_reduce(x32.sum(dim=(0, 2, 3))) / count
+        centred = x32 - mean.view(1, -1, 1, 1)
+        var = all_reduce(centred.square().sum(dim=(0, 2, 3))) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), self.momentum)
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return (out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)).to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every ``nn.BatchNorm2d`` of ``module`` (also those third-party decoders build) into
+    :class:`SyncBatchNorm2d`, in place: same state."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d
+    return module
+
+
 def build_head(task: str, stage_channels: Sequence[int], num_classes: int, aux_weight: float = 0.4,
                channels: int = 0) -> nn.Module:
     """A task's head; ``channels`` overrides the FPN (detection) or decoder (segmentation) width when > 0."""
@@ -157,5 +226,6 @@ def build_head(task: str, stage_channels: Sequence[int], num_classes: int, aux_w
     if task == "detection":
         return RetinaNetDetectionHead(stage_channels, num_classes, fpn_channels=channels or 256)
     if task == "segmentation":
-        return UperNetSegmentationHead(stage_channels, num_classes, channels=channels or 512, aux_weight=aux_weight)
+        return sync_batchnorm(UperNetSegmentationHead(stage_channels, num_classes, channels=channels or 512,
+                                                         aux_weight=aux_weight))
     raise ValueError(f"unknown task {task!r}")

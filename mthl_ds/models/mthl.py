@@ -1,6 +1,7 @@
 """The multi-task heterogeneous learner: one shared backbone, one head and one router per dataset."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mthl_ds.config import Recipe, recipe_to_dict
@@ -18,6 +19,11 @@ class MTHLModel(nn.Module):
         self.tasks = dict(tasks)
         self.built_from: dict = {}  # the recipe (as a dict) the model was built from, before any surgery
         self.surgery: list[dict] = []  # mthl_ds.surgery rules applied since, in order
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inputs are given in: the weights' (float16 / bfloat16 once DeepSpeed casts the model)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     @property
     def dataset(self) -> str | None:
@@ -39,6 +45,8 @@ def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0) -> MTHLModel
                               ep_rank=ep_rank, seed=recipe.train.seed)
     heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes, d.aux_weight, d.head_channels)
              for name, d in recipe.datasets.items()}
+    if m.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
     model = MTHLModel(backbone, heads, {name: d.task for name, d in recipe.datasets.items()})
     model.built_from = recipe_to_dict(recipe)
     return model

@@ -3,23 +3,60 @@
 The gate plugs into DeepSpeed's ``MOELayer`` in place of its ``TopKGate``: it is called as
 ``gate(x, used_token, sparse_routes, use_tutel)`` and returns DeepSpeed's sparse-route tuple
 ``(l_aux, capacity, num_experts, indices, locations, gates, counts)``, so DeepSpeed does the dispatch,
-the all-to-all and expert parallelism. Routes and capacity come from DeepSpeed's own ``topkgating``;
-only the gate values are ours, because ``topkgating`` always renormalises the K gates and Eq. 2 does not.
+the all-to-all and expert parallelism. Routes and capacity follow DeepSpeed's ``topkgating`` (its "probs" drop
+policy) in :func:`top_k_routes`, with ties broken by index; the gate values are Eq. 2's, not renormalised.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.sharded_moe import topkgating
 from torch import Tensor, nn
 
 from mthl_ds.moe import losses as L
 
 DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
+                 ep_group=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """DeepSpeed's ``topkgating(..., drop_policy="probs", sparse_routes=True)`` with every tie broken by index.
+
+    Each token takes the K experts of highest probability; with ``drop_tokens`` each expert keeps the
+    ``max(ceil(capacity_factor * K * S / E), min_capacity)`` of its tokens with the highest probability, else
+    capacity is the busiest expert's count (max over ``ep_group``). ``torch.topk`` leaves the order of equal
+    values to the kernel, so a token whose probabilities tie (fp16 inputs, identical padding tokens) could get
+    other experts, or lose its slot, depending on the rest of its batch; here the lower expert index and the
+    earlier token win, whatever else is in the batch, on every rank.
+
+    Returns ``(l_aux, capacity, indices, locations, counts)``: routes as (K, S) rows, highest gate first, with
+    index -1 for a dropped route (location 0); ``counts`` per expert before drops.
+    """
+    probs = F.softmax(logits.float(), dim=1)
+    tokens, experts = probs.shape
+    top_idx = probs.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_idx, True)
+    counts = mask.sum(0)
+    l_aux = (probs.mean(0) * mask.float().mean(0)).mean() * experts * experts / k
+    if drop_tokens:
+        capacity = torch.tensor(max(math.ceil(tokens / experts * capacity_factor * k), min_capacity))
+        routed = torch.where(mask, probs, torch.full_like(probs, -1.0))  # unrouted tokens rank last
+        kept = routed.sort(dim=0, descending=True, stable=True).indices[:min(int(capacity), tokens)]
+        mask &= torch.zeros_like(mask).scatter_(0, kept, True)
+    else:
+        capacity = counts.max()
+        if ep_group is not None and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size(ep_group) > 1:
+            torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=ep_group)
+    locations = torch.cumsum(mask, dim=0) - 1
+    route_kept = mask.gather(1, top_idx)
+    indices = torch.where(route_kept, top_idx, torch.full_like(top_idx, -1))
+    route_locations = locations.gather(1, top_idx) * route_kept
+    return (l_aux, capacity, indices.t().contiguous().int(), route_locations.t().contiguous().int(), counts)
 
 
 @dataclass
@@ -151,14 +188,15 @@ class PerDatasetGate(nn.Module):
         selectable = router.selectable()
         targets = router.choices[selectable]
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        l_aux, capacity, _, positions, locations, gates, counts = topkgating(
-            logits[:, selectable], k, factor, self.min_capacity, self.drop_tokens, self.ep_group, sparse_routes=True)
+        l_aux, capacity, positions, locations, counts = top_k_routes(
+            logits[:, selectable], k, factor, self.min_capacity, self.drop_tokens, self.ep_group)
         kept = positions >= 0
         position = positions.long().clamp(min=0)
         indices = torch.where(kept, targets[position], -1).to(positions.dtype)
         probs = logits.softmax(dim=1)
-        if not self.renormalize:
-            gates = probs[:, selectable].t().gather(0, position) * kept
+        gates = probs[:, selectable].t().gather(0, position) * kept
+        if self.renormalize:  # DeepSpeed's: the kept gates of each token sum to 1
+            gates = gates / gates.sum(0, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
         self.counts = torch.zeros(self.num_experts, dtype=counts.dtype, device=counts.device).index_add_(
             0, targets, counts)
         if self.training:
