@@ -67,6 +67,11 @@ def cmd_bench(args) -> int:
         only = set(args.only.split(",")) if args.only else None
         rows = run(smoke=args.smoke, repeats=args.repeats, only=only)
         columns = COLUMNS
+    elif args.suite == "data" and args.real_size:
+        from mthl_ds.bench.data import run_real_size
+        rows = run_real_size(args.recipe, count=min(args.count, 48), repeats=args.repeats)
+        columns = ["benchmark", "images_per_s_per_worker", "batch", "v100_step_s", "images_per_s_needed",
+                   "workers_per_gpu", "source"]
     elif args.suite == "data":
         from mthl_ds.bench.data import run
         rows = run(count=args.count, repeats=args.repeats)
@@ -81,6 +86,18 @@ def cmd_bench(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"bench_{args.suite}.json").write_text(json.dumps(rows, indent=1))
         (args.out / f"bench_{args.suite}.md").write_text(table + "\n")
+    return 0
+
+
+def cmd_rehearse(args) -> int:
+    from mthl_ds.rehearse import RehearsalError, rehearse
+    try:
+        rehearse(args.recipe, args.out or Path("runs") / f"rehearse_{Path(args.recipe).stem}_{args.precision}",
+                 ranks=args.ranks, precision=args.precision, steps=args.steps, batch_size=args.batch_size,
+                 overrides=tuple(args.set), dense=not args.no_dense)
+    except RehearsalError as e:
+        print(f"mthl-ds rehearse: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -223,6 +240,17 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="demo", help="demo (MTHL), demo_adamv (AdaMV-MoE) or demo_modsquad (Mod-Squad)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("rehearse", help="a recipe's real model at its real input sizes and precision on CPU ranks: "
+                                        "steps of every dataset, checkpoint, resume, export, evaluation, memory plan")
+    p.add_argument("recipe")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--steps", type=int, default=0, help="steps per launch (default: one per dataset)")
+    p.add_argument("--batch-size", type=int, default=1, help="per rank, every dataset")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense twin's step times")
+    p.add_argument("--out", type=Path, help="default runs/rehearse_RECIPE_PRECISION")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_rehearse)
     p = sub.add_parser("synth", help="write the synthetic world in the datasets' real layouts")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8,GPU)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
+    p.add_argument("--real-size", action="store_true", help="data: each dataset at the recipe's real sizes and "
+                   "augmentations, and the workers per GPU that feed a V100 (at most 48 samples per loop)")
+    p.add_argument("--recipe", default="mthl_swin_t", help="data --real-size: the recipe whose datasets to time")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")
     p.set_defaults(fn=cmd_bench)

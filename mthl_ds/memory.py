@@ -2,8 +2,8 @@
 activation memory per dataset measured on this machine and extrapolated to the recipe's per-GPU batch.
 
 States (bytes per GPU, P = shared parameters, X = all experts' parameters, ep = expert-parallel size, N = GPUs,
-b = 2 for fp16 / bf16 weights, 4 for fp32; DeepSpeed 0.19's ZeRO 1/2, checked byte for byte on 2 CPU ranks,
-``mthl-ds rehearse`` prints both):
+b = 2 for fp16 / bf16 weights, 4 for fp32; DeepSpeed 0.19's ZeRO 1/2, checked on 2 CPU ranks by ``mthl-ds
+rehearse``, which prints both: weights to the byte, optimizer states within DeepSpeed's padding of each partition):
     weights    b * (P + X / ep)                       every GPU holds the shared weights and its experts
     partition  P / N + (X / ep) / (N / ep)            what ZeRO 1/2 give one GPU: shared tensors split over all
                                                       N ranks, experts over their expert-data-parallel group

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,7 @@ from mthl_ds.data.shards import ShardError
 from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
                              init_distributed, world)
 from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
+from mthl_ds.memory import engine_state_bytes
 from mthl_ds.models.mthl import MTHLModel, build_model
 from mthl_ds.surgery import SurgeryError, shard_experts
 
@@ -282,7 +284,8 @@ class Trainer:
         """Add the rank's peak resident memory and the steps it ran to its launch record."""
         path = self.run_dir / "launch" / f"rank{self.rank}.json"
         info = json.loads(path.read_text())
-        info.update(end_step=self.step, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        info.update(end_step=self.step, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    engine_state_bytes=engine_state_bytes(self.engine))
         path.write_text(json.dumps(info, indent=1) + "\n")
 
     def open_metrics(self):
@@ -318,7 +321,7 @@ class Trainer:
         if self.engine.fp16_enabled():
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         if not self.all_finite(loss, step, name):
-            return self.skipped(record, name, "non-finite loss")
+            return self.skipped(record, name, "non-finite loss", start)
         self.engine.backward(loss)
         self.engine.step()
         if not self.engine.was_step_applied():
@@ -326,18 +329,23 @@ class Trainer:
                 log.warning("fp16 gradient overflow at step %d on dataset %r (loss scale %s): every rank skips the "
                             "update; the loss scale is now %s", step, name, record["loss_scale"],
                             self.engine.optimizer.loss_scale)
-            return self.skipped(record, name, "gradient overflow")
+            return self.skipped(record, name, "gradient overflow", start)
         self.model.backbone.update_routing_buffers(all_reduce_mean)
         for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
             gate_usage[:layer.num_experts] += layer.gate.counts.float()
-        seconds = time.perf_counter() - start
-        record.update(seconds=seconds, images_per_s=r.datasets[name].batch_size * self.world / seconds)
-        return record
+        return self.timed(record, name, start)
 
-    def skipped(self, record: dict, name: str, reason: str) -> dict:
-        self.scheduler.step()  # keep the schedule on the global step
+    def timed(self, record: dict, name: str, start: float) -> dict:
+        seconds = time.perf_counter() - start
+        return {**record, "seconds": seconds,
+                "images_per_s": self.recipe.datasets[name].batch_size * self.world / seconds}
+
+    def skipped(self, record: dict, name: str, reason: str, start: float) -> dict:
+        with warnings.catch_warnings():  # PyTorch warns when the schedule moves before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # keep the schedule on the global step
         self.model.backbone.discard_routing_statistics()
-        return {**record, "skipped": True, "skip_reason": reason}
+        return self.timed({**record, "skipped": True, "skip_reason": reason}, name, start)
 
     def all_finite(self, loss: torch.Tensor, step: int, name: str) -> bool:
         """Every rank learns at the same step whether any rank's loss is not finite."""

@@ -3,6 +3,8 @@ import pytest
 import torch
 from timm.layers import Mlp
 
+from conftest import ROOT
+
 from mthl_ds.config import MoEConfig
 from mthl_ds.models.backbone import build_backbone, create_timm, mlp_blocks
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
@@ -107,6 +109,46 @@ def test_recomputed_blocks_record_routing_once():
     for plain, recomputed in zip(one_step(False), one_step(True)):
         torch.testing.assert_close(plain, recomputed)
         assert not torch.allclose(plain[1], torch.full_like(plain[1], 1 / 8)), "dataset b's row must move"
+
+
+@pytest.mark.parametrize("backbone", ["swin_debug", "davit_debug", "vit_debug"])
+def test_grad_checkpointing_gives_the_gradients_of_the_run_without_it(backbone):
+    """model.grad_checkpointing: two steps of a whole model (MoE MLPs, MI loss, every head), B(D, E) folded after
+    each backward as the trainer does: routing recorded once per forward, gradients equal to the plain run's. Folded
+    before the backward instead, the recomputed blocks would see the moved buffer and the MI gradient would differ."""
+    from conftest import demo_overrides
+    from mthl_ds.bench.suite import fake_batch
+    from mthl_ds.config import load_recipe
+    from mthl_ds.models.mthl import build_model
+
+    def run(checkpointing, fold_first=False):
+        recipe = load_recipe("demo", demo_overrides(ROOT, ep_size=1) + [
+            f"model.backbone={backbone}", f"model.grad_checkpointing={str(checkpointing).lower()}",
+            "model.moe.losses={mi: 1.0}", "datasets.coco.batch_size=2"])
+        model = build_model(recipe)
+        model.train()
+        grads = []
+        for name in ("coco", "imagenet"):
+            batch = fake_batch(recipe, name, seed=3)
+            model.set_dataset(name)
+            model.zero_grad(set_to_none=True)
+            loss = model.heads[name].loss(model(batch["image"]), batch)[0] + model.backbone.router_loss()
+            if fold_first:
+                model.backbone.update_routing_buffers()
+            loss.backward()
+            assert all(g.pending_usage is None for g in model.backbone.gates) == fold_first, "recorded twice"
+            model.backbone.update_routing_buffers()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return grads
+
+    plain, checkpointed = run(False), run(True)
+    for a, b in zip(plain, checkpointed):
+        assert a.keys() == b.keys() and any(".routers." in n for n in a)
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7, msg=n)
+    moved = run(True, fold_first=True)[1]
+    router = next(n for n in plain[1] if ".routers.imagenet." in n)
+    assert not torch.allclose(moved[router], plain[1][router], rtol=1e-5, atol=1e-7)
 
 
 def test_bad_input_is_refused_with_the_value():

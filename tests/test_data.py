@@ -316,3 +316,13 @@ def test_data_benchmark_smoke():
     rows = run(count=40, repeats=1)
     assert [r["benchmark"].split()[0] for r in rows] == ["B5", "detection", "segmentation"]
     assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["throughput_ratio"] > 0
+
+
+def test_real_size_data_benchmark_gives_workers_per_gpu():
+    from mthl_ds.bench.data import run_real_size
+    rows = {r["task"]: r for r in run_real_size("mthl_swin_t", count=6, repeats=1)}
+    assert set(rows) == {"classification", "detection", "segmentation"}
+    for r in rows.values():
+        assert r["images_per_s_per_worker"] > 0 and r["source"]
+        assert r["workers_per_gpu"] == math.ceil(r["images_per_s_needed"] / r["images_per_s_per_worker"]) >= 1
+    assert rows["classification"]["images_per_s_needed"] == pytest.approx(64 / rows["classification"]["v100_step_s"], rel=1e-2)

@@ -172,6 +172,22 @@ class UperNetSegmentationHead(nn.Module):
         return logits.argmax(1)
 
 
+class SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's statistics feed every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the whole batch of every rank, computed in float32: mmseg's UperNet uses SyncBN, and its
     pyramid pooling normalises 1 x 1 features, whose per-rank statistics at the paper's 2 images per GPU are two
@@ -194,12 +210,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                                self.training or not self.track_running_stats, self.momentum if update else 0.0,
                                self.eps)
             return out.to(x.dtype)
-        from torch.distributed.nn.functional import all_reduce
         x32 = x.float()
         count = x32.numel() // x32.shape[1] * torch.distributed.get_world_size()
-        mean = all_reduce(x32.sum(dim=(0, 2, 3))) / count
+        mean = SumOverRanks.apply(x32.sum(dim=(0, 2, 3))) / count
         centred = x32 - mean.view(1, -1, 1, 1)
-        var = all_reduce(centred.square().sum(dim=(0, 2, 3))) / count
+        var = SumOverRanks.apply(centred.square().sum(dim=(0, 2, 3))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
