@@ -42,6 +42,12 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, overrides=tuple(args.set), recipe=args.recipe)
 
 
+def cmd_stability(args) -> int:
+    from mthl_ds.stability import run_stability
+    run_stability(args.out, args.seeds, args.recipe, tuple(args.set))
+    return 0
+
+
 def cmd_synth(args) -> int:
     from mthl_ds.data.synth import write_world
     roots = write_world(args.out, seed=args.seed, scale=args.scale)
@@ -251,6 +257,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="default runs/rehearse_RECIPE_PRECISION")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_rehearse)
+    p = sub.add_parser("stability", help="the demo with several seeds: each dataset's metric mean +- std and its "
+                                         "worst loss excursion (20-step moving average over its running minimum)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--out", type=Path, default=Path("runs/stability"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_stability)
     p = sub.add_parser("synth", help="write the synthetic world in the datasets' real layouts")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)

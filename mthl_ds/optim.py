@@ -10,9 +10,15 @@ expert-data-parallel group for expert tensors, as DeepSpeed assigns), and applie
 its fragment. Everything is batched over the partition: no per-tensor Python loop in the hot path.
 
 The math is timm's ``Lamb`` (bias correction, gradient averaging, eps 1e-6, trust ratio only where weight
-decay is non-zero, no clipping of its own: the engine clips). Like every LAMB under DeepSpeed, it also
-moves tensors whose gradient is zero this step (another dataset's head, an expert no token reached): the
-engine materialises their gradients as zeros, and their momentum and weight decay still apply.
+decay is non-zero, no clipping of its own: the engine clips), as it runs under PyTorch's DDP: a tensor that
+took no part in this step's loss (another dataset's head and routers, an expert no token reached) has no
+gradient there and is skipped, moments and weights untouched, while the group's step count advances. DeepSpeed
+instead materialises zero gradients for such tensors, and an optimizer that moves them extrapolates their stale
+momentum; LAMB's trust ratio then turns that small update into a full step of ``lr * ||w||``, every step the
+tensor is idle. In the demo the RetinaNet head thus drifted over the 8-odd steps between two COCO steps until its
+logits on background anchors jumped from about -2.4 to +4 and the focal loss from 0.8 to 20-80 (issue 18's
+spikes); skipping idle tensors removed them. A tensor counts as idle when its whole gradient (summed over the
+partitions that hold its fragments) is exactly zero.
 """
 from __future__ import annotations
 
@@ -80,10 +86,15 @@ class Lamb(torch.optim.Optimizer):
     def _update_whole(self, params: list[Tensor], group: dict) -> None:
         """The same update as ``_update`` on whole tensors, as multi-tensor ops over a cache-sized chunk: a
         model with many small tensors (E experts per layer) pays per-op overhead once per chunk, and every op
-        of the chunk finds its tensors in cache."""
+        of the chunk finds its tensors in cache. Idle tensors (zero gradient) are left out."""
+        grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in params]
+        active = [i for i, n in enumerate(torch.stack(torch._foreach_norm(grads)).tolist()) if n > 0]
+        if len(active) < len(params):
+            params, grads = [params[i] for i in active], [grads[i] for i in active]
+            if not params:
+                return
         beta1, beta2 = group["betas"]
         step = group["step"]
-        grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in params]
         exp_avg, exp_avg_sq = map(list, zip(*(self._moments(p) for p in params)))
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
@@ -111,20 +122,36 @@ class Lamb(torch.optim.Optimizer):
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _update(self, p: Tensor, group: dict, layout: PartitionLayout) -> None:
-        """One ZeRO partition (a flat fragment of many tensors) with its layout."""
+        """One ZeRO partition (a flat fragment of many tensors) with its layout. A tensor is idle when its
+        gradient, over all its fragments, is zero: its fragments' moments are not updated and its update is
+        scaled by 0."""
         beta1, beta2 = group["betas"]
         step = group["step"]
         grad = p.grad.float() if p.grad.dtype != p.dtype else p.grad
         exp_avg, exp_avg_sq = self._moments(p)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        active = self._tensor_sums([grad], layout)[0] > 0  # (tensors + padding,), the same on every rank
+        active[layout.num_tensors] = True  # padding: whatever it holds is never read
+        if bool(active[layout.tensor_ids.to(active.device)].all()):
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:  # the moments of the active tensors' fragments only
+            keep = active[layout.tensor_ids.to(active.device)].tolist()
+            views = [list(t.split(layout.sizes)) for t in (exp_avg, exp_avg_sq, grad)]
+            m, v, g = ([x for x, k in zip(vs, keep) if k] for vs in views)
+            if g:
+                torch._foreach_lerp_(m, g, 1 - beta1)
+                torch._foreach_mul_(v, beta2)
+                torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         update = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(group["eps"])
         torch.div(exp_avg, update, out=update).div_(1 - beta1 ** step)
         decay = group["weight_decay"]
+        scale = active.float()
         if decay:  # layer-wise adaptation where there is weight decay, as in timm
             update.add_(p, alpha=decay)
             w_square, u_square = self._tensor_sums([p, update], layout)
-            self._scale_per_tensor(update, trust_ratio(w_square.sqrt(), u_square.sqrt()), layout)
+            scale = scale * trust_ratio(w_square.sqrt(), u_square.sqrt())
+        if decay or not bool(active.all()):
+            self._scale_per_tensor(update, scale, layout)
         p.add_(update, alpha=-group["lr"])
 
     @staticmethod

@@ -52,28 +52,56 @@ def plot_metrics(results: dict, path: Path) -> None:
 
 
 def plot_usage(usage: dict[str, torch.Tensor], path: Path) -> None:
-    """One heatmap per MoE layer: datasets x experts, each row the dataset's share of routes."""
+    """One heatmap per MoE layer: datasets x experts, each row the dataset's share of routes (values printed,
+    one colour scale for all layers)."""
     names = list(usage)
     layers = usage[names[0]].shape[0]
     cols = min(4, layers)
     rows = math.ceil(layers / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 1.2 + 0.45 * len(names) * rows), squeeze=False)
+    grids = []
+    for layer in range(layers):
+        grid = torch.stack([usage[n][layer] for n in names]).double().numpy()
+        grids.append(grid / np.maximum(grid.sum(1, keepdims=True), 1))
+    top = max(float(g.max()) for g in grids) or 1.0
+    experts = grids[0].shape[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(0.45 * experts * cols + 2, 1.2 + 0.5 * len(names) * rows),
+                             squeeze=False)
+    image = None
     for layer in range(rows * cols):
         ax = axes[layer // cols][layer % cols]
         if layer >= layers:
             ax.axis("off")
             continue
-        grid = torch.stack([usage[n][layer] for n in names]).numpy()
-        grid = grid / np.maximum(grid.sum(1, keepdims=True), 1)
-        ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+        grid = grids[layer]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=5,
+                    color="white" if value < top / 2 else "black")
         ax.set_title(f"MoE layer {layer}", fontsize=9)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xticks(range(grid.shape[1]))
         ax.tick_params(axis="x", labelsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of the dataset's routes")
     fig.suptitle("share of routes per expert (rows: datasets)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_mi(history: list[dict], path: Path) -> list[float]:
+    """MI(D; E) of each MoE layer's running buffer over training; returns the last values."""
+    rows = [h for h in history if "mi" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = np.array([h["mi"] for h in rows])
+    for layer in range(values.shape[1]):
+        ax.plot([h["step"] for h in rows], values[:, layer], label=f"layer {layer}", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MI(D; E) of B(D, E), nats")
+    ax.set_title("routing specialisation by dataset")
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return values[-1].tolist()
 
 
 def write_report(run_dir: Path, recipe: Recipe, history: list[dict], results: dict,
@@ -93,7 +121,14 @@ def write_report(run_dir: Path, recipe: Recipe, history: list[dict], results: di
     lines += ["", "![losses](losses.png)", "", "![metrics](metrics.png)"]
     if usage:
         plot_usage(usage, run_dir / "usage.png")
-        lines += ["", "## Expert usage", "", "![usage](usage.png)"]
+        lines += ["", "## Expert usage", "", "Each row: the share of a dataset's training routes that went to each "
+                  "expert, summed over the run. Experts specialise when the rows differ.", "", "![usage](usage.png)"]
+    if any("mi" in h for h in history):
+        last = plot_mi(history, run_dir / "mi.png")
+        lines += ["", "## Mutual information of the routing", "",
+                  f"MI(D; E) of each MoE layer's running buffer B(D, E): 0 when all datasets use the experts alike, "
+                  f"log {len(results)} = {math.log(len(results)):.2f} nats when each expert serves one dataset. At the "
+                  f"end: " + ", ".join(f"layer {i} {v:.3f}" for i, v in enumerate(last)) + ".", "", "![mi](mi.png)"]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -312,7 +312,7 @@ class Trainer:
         batch = next(self.loaders[name])
         self.model.set_dataset(name)
         output = self.engine(batch["image"].to(self.model.dtype))
-        task_loss, parts = self.model.heads[name].loss(output, batch)
+        task_loss, parts = self.model.heads[name].loss(output, batch, reduce_mean=all_reduce_mean)
         router_loss = self.model.backbone.router_loss()
         loss = r.datasets[name].loss_weight * task_loss + router_loss
         record = {"step": step, "dataset": name, "loss": float(task_loss.detach()), **parts,
@@ -320,6 +320,8 @@ class Trainer:
                   "lr": self.scheduler.get_last_lr()[0]}
         if self.engine.fp16_enabled():
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        if step % r.train.log_every == 0 and self.model.backbone.gates:
+            record["mi"] = self.model.backbone.routing_mi()
         if not self.all_finite(loss, step, name):
             return self.skipped(record, name, "non-finite loss", start)
         self.engine.backward(loss)
@@ -471,6 +473,8 @@ class Trainer:
         for key, value in record.items():
             if isinstance(value, float):
                 self.tb.add_scalar(f"{record['dataset']}/{key}" if "/" not in key else key, value, record["step"])
+        for layer, value in enumerate(record.get("mi", [])):
+            self.tb.add_scalar(f"routing/mi_layer{layer}", value, record["step"])
 
     def run(self) -> Optional[dict]:
         self.setup()

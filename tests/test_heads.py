@@ -34,3 +34,54 @@ def test_head_loss_decreases(shards, name, steps, lr):
     # medians: RetinaNet's focal loss spikes now and then early in training
     first, last = statistics.median(losses[:8]), statistics.median(losses[-8:])
     assert last < 0.8 * first, (name, [round(v, 2) for v in losses])
+
+
+def test_detection_loss_is_mmdet_normalised_and_the_same_for_any_split_over_ranks():
+    """The focal and L1 sums of the whole batch over its positive anchors (each image at least 1, an image without
+    boxes all background), mmdet's avg_factor; split over 2 "ranks" whose counts are averaged, the mean of their
+    losses (what data parallelism trains on) equals the one-process loss."""
+    from torchvision.ops import box_iou, sigmoid_focal_loss
+    from mthl_ds.models.heads import RetinaNetDetectionHead
+    torch.manual_seed(0)
+    head = RetinaNetDetectionHead([16, 32, 64, 128], 3, 32)
+    features = [torch.randn(4, c, 128 // s, 128 // s) for c, s in zip([16, 32, 64, 128], (4, 8, 16, 32))]
+    with torch.no_grad():
+        output = head(features)
+    batch = {"image": torch.zeros(4, 3, 128, 128), "labels": [torch.tensor([0, 2]), torch.tensor([1]),
+                                                              torch.zeros(0, dtype=torch.long), torch.tensor([2])],
+             "boxes": [torch.tensor([[10., 10., 60., 50.], [70., 20., 120., 110.]]), torch.tensor([[5., 5., 30., 28.]]),
+                       torch.zeros(0, 4), torch.tensor([[40., 40., 100., 100.]])]}
+    loss, parts = head.loss(output, batch)
+    anchors = torch.cat(head.level_anchors(output["pyramid"]))
+    focal = l1 = 0.0
+    count = 0
+    for i in range(4):  # independently: mmdet's AnchorHead.loss on this batch
+        iou = box_iou(batch["boxes"][i], anchors) if len(batch["boxes"][i]) else torch.zeros(0, len(anchors))
+        best = iou.max(0) if len(iou) else None
+        labels = torch.full((len(anchors), 3), 0.0)
+        keep = torch.ones(len(anchors), dtype=torch.bool)
+        positive = torch.zeros(len(anchors), dtype=torch.bool)
+        if best is not None:
+            positive = best.values >= 0.5
+            keep = (best.values < 0.4) | positive
+            for g in range(len(iou)):  # each box's best anchors are positive too (min_pos_iou 0)
+                top = iou[g] == iou[g].max()
+                positive |= top
+                keep |= top
+            assigned = best.indices.clone()
+            for g in range(len(iou)):
+                assigned[iou[g] == iou[g].max()] = g
+            labels[positive, batch["labels"][i][assigned[positive]]] = 1.0
+            targets = head.box_coder.encode_single(batch["boxes"][i][assigned[positive]], anchors[positive])
+            l1 += float((output["bbox_regression"][i][positive] - targets).abs().sum())
+        focal += float(sigmoid_focal_loss(output["cls_logits"][i][keep], labels[keep], reduction="sum"))
+        count += max(int(positive.sum()), 1)
+    assert parts["positives"] == count
+    assert parts["focal"] == pytest.approx(focal / count, rel=1e-5) and parts["l1"] == pytest.approx(l1 / count, rel=1e-5)
+    halves = [{k: v[r * 2:(r + 1) * 2] for k, v in batch.items()} for r in (0, 1)]
+    outputs = [{k: ([t[r * 2:(r + 1) * 2] for t in v] if k == "pyramid" else v[r * 2:(r + 1) * 2])
+                for k, v in output.items()} for r in (0, 1)]
+    counts = [head.loss(o, h)[1]["positives"] for o, h in zip(outputs, halves)]
+    mean = lambda t: torch.tensor(sum(counts) / 2.0)  # noqa: E731  what all_reduce_mean gives each rank
+    split = [head.loss(o, h, reduce_mean=mean)[0] for o, h in zip(outputs, halves)]
+    assert float(sum(split) / 2) == pytest.approx(float(loss), rel=1e-5)

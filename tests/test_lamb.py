@@ -48,6 +48,29 @@ def test_matches_timm_lamb_on_whole_tensors():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_idle_tensors_are_skipped_as_timm_skips_a_tensor_without_gradient():
+    """A tensor with an all-zero gradient (another dataset's head) keeps its weights and moments, as timm's LAMB
+    keeps a tensor whose gradient is None under DDP; the others move exactly as timm moves them."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, timm_opt = Lamb(ours, lr=0.01, weight_decay=0.05), timm.optim.Lamb(ref, lr=0.01, weight_decay=0.05,
+                                                                          max_grad_norm=None)
+    for step in range(4):
+        grads = [torch.randn(4, 4) for _ in range(3)]
+        idle = step % 3
+        for i, (a, b, g) in enumerate(zip(ours, ref, grads)):
+            a.grad = torch.zeros(4, 4) if i == idle else g.clone()
+            b.grad = None if i == idle else g.clone()
+        before = ours[idle].detach().clone(), {k: v.clone() for k, v in opt.state[ours[idle]].items()}
+        opt.step()
+        timm_opt.step()
+        assert torch.equal(ours[idle], before[0])
+        assert all(torch.equal(opt.state[ours[idle]][k], v) for k, v in before[1].items())
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("run", ["zero1", "zero2"])
 def test_zero_partitions_give_stage0_lamb(ranks, run):
     for rank in ranks:

@@ -105,7 +105,8 @@ def fit_and_pad(img: Image.Image, size: tuple[int, int], resample,
 
 
 def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
-    """Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's ``Resize(keep_ratio=True)``), pad
+    """Training skips images without annotations (mmdet's ``filter_empty_gt``; crowd-only images stay, with no
+    box to learn). Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's ``Resize(keep_ratio=True)``), pad
     to the canvas, ``size`` padded up to a multiple of 32 (mmdet's ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x
     1344). Boxes become xyxy in canvas pixels; crowd boxes are dropped for training and kept (flagged) for
     evaluation.
@@ -117,8 +118,10 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     without grouping batches, and the loaders then resume exactly by sample ordinal (a grouping buffer would hold
     samples across a checkpoint)."""
     canvas = padded(cfg.size)
-    def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
+    def decode(sample: dict, rng: Optional[np.random.Generator]) -> Optional[dict]:
         meta = json.loads(sample["json"])
+        if train and not meta["boxes"]:
+            return None  # mmdet's filter_empty_gt: an image without annotations is not trained on
         img = open_rgb(image_bytes(sample))
         boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]

@@ -113,7 +113,8 @@ class TrainStream(IterableDataset):
     Args:
         shard_set: the set to read.
         decode: ``(sample_dict, rng) -> item``; gets the raw members plus ``__key__``, and a generator
-            keyed on (seed, slot, ordinal) for augmentation. Raising skips the sample.
+            keyed on (seed, slot, ordinal) for augmentation. Raising skips the sample with a warning;
+            returning None leaves it out quietly (a filter, e.g. detection images without annotations).
         rank, world: this rank and the number of ranks reading the set.
         seed: the run's seed.
         resume: ``{worker_id: last ordinal handed out}`` from :class:`LoaderState`.
@@ -139,8 +140,9 @@ class TrainStream(IterableDataset):
         if len(shards) < slots:
             raise ShardError(f"{self.shard_set.root}: {len(shards)} shards for {slots} reader slots")
         start = self.resume.get(worker, -1) + 1
-        ordinal, skipped = 0, 0
+        ordinal, skipped, idle_passes = 0, 0, 0
         for epoch in range(2 ** 62):
+            read, yielded = False, False
             order = np.random.default_rng([self.seed, epoch]).permutation(len(shards))[slot::slots]
             for shard_no in order:
                 shard = shards[shard_no]
@@ -149,6 +151,7 @@ class TrainStream(IterableDataset):
                     continue
                 samples, errors = read_shard(self.shard_set.root / shard["name"], shard["num_samples"])
                 skipped += errors
+                read = True
                 visit = np.random.default_rng([self.seed, epoch, int(shard_no)]).permutation(shard["num_samples"])
                 excluded = self.exclude.get(int(shard_no), ())
                 for i in visit:
@@ -166,10 +169,17 @@ class TrainStream(IterableDataset):
                         log.warning("%s: sample %s skipped (%s: %s); %d skipped so far on this reader",
                                     shard["name"], key, type(e).__name__, e, skipped)
                         continue
+                    if item is None:  # filtered by the pipeline (not an error): keeps its ordinal
+                        continue
                     item.update(__key__=key, __ordinal__=ordinal - 1, __worker__=worker)
+                    yielded = True
                     yield item
             if ordinal == 0:
                 raise ShardError(f"{self.shard_set.root}: reader slot {slot} owns no samples")
+            idle_passes = 0 if yielded or not read else idle_passes + 1
+            if idle_passes == 3:  # would spin forever, and hang the other ranks
+                raise ShardError(f"{self.shard_set.root}: reader slot {slot} found no usable sample in 3 passes over "
+                                 "its shards (every one filtered or broken)")
 
 
 class EvalStream(IterableDataset):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from mthl_ds.config import MoEConfig
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.losses import exact_negative_mi
 from mthl_ds.moe.layer import MoEMlp
 
 # name -> (timm constructor kwargs, default MoE placement). The paper: every MLP for T/S, every second for B.
@@ -197,6 +198,11 @@ class MoEBackbone(nn.Module):
         if hasattr(net, "layers"):
             return [block for layer in net.layers for block in layer.blocks]
         return list(net.stages) if hasattr(net, "stages") else list(net.blocks)
+
+    def routing_mi(self) -> list[float]:
+        """MI(D; E) in nats of every gate's running joint ``B(D, E)`` (0: experts shared alike by all datasets,
+        log M at most: each expert serves one dataset)."""
+        return [max(0.0, float(-exact_negative_mi(gate.routing_joint.double()))) for gate in self.gates]
 
     def discard_routing_statistics(self) -> None:
         """Forget this forward's routing statistics (a skipped step): the MI buffers stay as they are."""

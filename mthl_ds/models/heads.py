@@ -1,5 +1,7 @@
 """Task heads on the backbone's four stage features (strides 4, 8, 16, 32). Each head has
-``forward(features)``, ``loss(output, batch) -> (loss, {name: value})`` and ``predict(output, batch)``.
+``forward(features)``, ``loss(output, batch, reduce_mean=None) -> (loss, {name: value})`` and
+``predict(output, batch)``; ``reduce_mean`` averages a count over the data-parallel ranks (only the detection
+loss's normaliser needs one).
 
 Classification: a linear layer on pooled, normalised last-stage features. Detection: RetinaNet from
 torchvision's parts (FPN P3-P7 on stages 2-4 plus two extra levels, ``RetinaNetHead``, anchors, focal +
@@ -9,7 +11,7 @@ the mmseg recipe.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.ops import box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from mthl_ds.data.pipelines import IGNORE_INDEX
@@ -31,7 +34,7 @@ class ClassificationHead(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         return self.fc(self.norm(features[-1].mean(dim=(2, 3))))
 
-    def loss(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+    def loss(self, logits: Tensor, batch: dict, reduce_mean=None) -> tuple[Tensor, dict]:
         loss = F.cross_entropy(logits.float(), batch["label"])
         return loss, {"ce": float(loss.detach())}
 
@@ -64,8 +67,8 @@ class RetinaNetDetectionHead(nn.Module):
     fixed strides 8-128 as mmdet places them (torchvision's generator derives each stride as canvas size // level
     size, 61 and 114 px instead of 64 and 128 on an 800 x 1344 canvas), always in float32.
 
-    ``loss`` and ``predict`` call torchvision's ``RetinaNet.compute_loss`` / ``postprocess_detections`` with
-    this module in place of a ``RetinaNet`` (they read only the matcher, coder, head and thresholds set here).
+    ``predict`` calls torchvision's ``RetinaNet.postprocess_detections`` with this module in place of a
+    ``RetinaNet`` (it reads only the coder and thresholds set here); ``loss`` is mmdet's (see there).
     """
 
     strides = (8, 16, 32, 64, 128)
@@ -96,13 +99,35 @@ class RetinaNetDetectionHead(nn.Module):
         """Every image's anchors (all levels concatenated); every image of a batch shares the canvas."""
         return [torch.cat(self.level_anchors(pyramid))] * images.shape[0]
 
-    def loss(self, output: dict, batch: dict) -> tuple[Tensor, dict]:
-        anchors = self.anchors(batch["image"], output["pyramid"])
-        targets = [{"boxes": b, "labels": l} for b, l in zip(batch["boxes"], batch["labels"])]
-        head_out = {k: output[k].float() for k in ("cls_logits", "bbox_regression")}
-        parts = RetinaNet.compute_loss(self, targets, head_out, anchors)
-        return sum(parts.values()), {"focal": float(parts["classification"].detach()),
-                                     "l1": float(parts["bbox_regression"].detach())}
+    def loss(self, output: dict, batch: dict, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None
+             ) -> tuple[Tensor, dict]:
+        """mmdet's RetinaNet loss: focal loss (alpha 0.25, gamma 2) over every anchor that is not ignored (IoU
+        between 0.4 and 0.5) and L1 on the positives' box deltas, both summed over the batch and divided by one
+        ``avg_factor``: the batch's positive anchors, each image counting at least one (mmdet's
+        ``num_total_pos``), averaged over the data-parallel ranks when ``reduce_mean`` is given (as mmdet's
+        FCOS / ATSS heads average theirs; its RetinaNet head keeps each GPU's own count), so the loss and its
+        gradient do not depend on the number of ranks. torchvision's ``compute_loss`` instead divides each
+        image's loss by that image's own positives."""
+        anchors = torch.cat(self.level_anchors(output["pyramid"]))
+        cls_logits, deltas = output["cls_logits"].float(), output["bbox_regression"].float()
+        focal, l1, positives = cls_logits.new_zeros(()), cls_logits.new_zeros(()), 0
+        for logits, regression, boxes, labels in zip(cls_logits, deltas, batch["boxes"], batch["labels"]):
+            if len(boxes):
+                matched = self.proposal_matcher(box_iou(boxes, anchors))
+            else:  # every anchor is background
+                matched = torch.full((len(anchors),), det_utils.Matcher.BELOW_LOW_THRESHOLD, device=anchors.device)
+            foreground = matched >= 0
+            target = torch.zeros_like(logits)
+            target[foreground, labels[matched[foreground]]] = 1.0
+            scored = matched != det_utils.Matcher.BETWEEN_THRESHOLDS
+            focal = focal + sigmoid_focal_loss(logits[scored], target[scored], reduction="sum")
+            targets = self.box_coder.encode_single(boxes[matched[foreground]], anchors[foreground])
+            l1 = l1 + F.l1_loss(regression[foreground], targets, reduction="sum")
+            positives += max(int(foreground.sum()), 1)
+        count = torch.tensor(float(positives))
+        avg_factor = (reduce_mean(count) if reduce_mean is not None else count).clamp(min=1.0).to(focal.device)
+        focal, l1 = focal / avg_factor, l1 / avg_factor
+        return focal + l1, {"focal": float(focal.detach()), "l1": float(l1.detach()), "positives": positives}
 
     @torch.no_grad()
     def predict(self, output: dict, batch: dict) -> list[dict]:
@@ -152,7 +177,7 @@ class UperNetSegmentationHead(nn.Module):
             out["aux"] = self.aux(features[2])
         return out
 
-    def loss(self, output: dict, batch: dict) -> tuple[Tensor, dict]:
+    def loss(self, output: dict, batch: dict, reduce_mean=None) -> tuple[Tensor, dict]:
         mask = batch["mask"]
         ce = lambda logits: F.cross_entropy(  # noqa: E731
             F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False), mask,
