@@ -1,9 +1,15 @@
-"""mthl-ds: multi-task heterogeneous vision learners on DeepSpeed-MoE."""
-import os
+"""mthl-ds: multi-task heterogeneous vision learners on DeepSpeed-MoE.
 
-if "DS_ACCELERATOR" not in os.environ:
-    # Name the accelerator before DeepSpeed guesses: its guess prints a warning to stdout on CPU machines,
-    # which would corrupt `mthl-ds ... --json`.
-    import torch
+    import mthl_ds
+    model = mthl_ds.load("model.safetensors")            # an export, a run folder or a checkpoint folder
+    model.predict(["cat.jpg"], dataset="imagenet")
 
-    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+Importing the package imports nothing heavy (the command line answers ``--help`` without torch); modules that
+import DeepSpeed first import ``mthl_ds.accelerator``.
+"""
+
+
+def load(path, **kwargs):
+    """A :class:`mthl_ds.predict.Predictor` for an export file, a run folder or ``RUN/checkpoints/TAG``."""
+    from mthl_ds.predict import Predictor
+    return Predictor.load(path, **kwargs)

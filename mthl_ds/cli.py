@@ -7,10 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from mthl_ds.adapt_modes import MODES
 from mthl_ds.config import ConfigError, list_recipes, load_recipe
 from mthl_ds.data.shards import ShardError
-from mthl_ds.adapt import MODES
-from mthl_ds.export import ExportError
+from mthl_ds.errors import ExportError, InputError
 
 
 class UsageError(ValueError):
@@ -107,6 +107,25 @@ def cmd_rehearse(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from mthl_ds.evaluation import run_evaluate
+    summary = run_evaluate(args.model, args.data, args.split, dict(args.annotations or []), args.original,
+                           args.batch_size, args.out)
+    for name, r in summary["results"].items():
+        print(f"{name:<12} {r['task']:<15} {r['metric']} {r['value']:.2f}  ({summary['protocol'][name]})")
+    if args.out:
+        print(args.out / "eval_metrics.json")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from mthl_ds.predict import run_predict
+    summary = run_predict(args.model, args.dataset, args.images, args.out, args.batch_size, args.draw_threshold)
+    print(f"{summary['images']} images in {summary['seconds']:.2f} s ({summary['images_per_s']:.1f} images/s); "
+          f"results in {summary['out']}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from mthl_ds.export import export_run, read_metadata
     path = export_run(args.run_dir, args.out, args.tag)
@@ -137,13 +156,13 @@ def cmd_stats(args) -> int:
     pair = args.grad_cosine.split(",") if args.grad_cosine else []
     if args.grad_cosine and (len(pair) != 2 or not set(pair) <= set(data)):
         raise UsageError(f"--grad-cosine {args.grad_cosine!r}: name two of the --data sets {sorted(data)}, as A,B")
-    model, label = load_model(args.model)
+    model, label, _ = load_model(args.model)
     layers = stats.gate_names(model)
     if args.maps and not -len(layers) <= args.map_layer < len(layers):
         raise UsageError(f"--map-layer {args.map_layer}: {args.model} has {len(layers)} routed layers {layers}")
     models = {label: model}
     for path in args.compare or []:  # every checkpoint loaded and checked before any work
-        other, other_label = load_model(path)
+        other, other_label, _ = load_model(path)
         models[other_label if other_label not in models else str(path)] = other
         try:
             stats.same_layers(models)
@@ -300,6 +319,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("evaluate", help="every metric of an export, run folder or checkpoint on val shards "
+                                        "(JSON + markdown report)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=data_arg, action="append", required=True, metavar="NAME=DIR",
+                   help="a shard set, or a dataset folder holding the --split (repeatable)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--annotations", type=data_arg, action="append", metavar="NAME=FILE",
+                   help="detection: score against this COCO instances_*.json instead of the shards' ground truth")
+    p.add_argument("--original", action="store_true",
+                   help="segmentation: score at the original resolution (mmseg) instead of the canvas scale")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the dataset's eval batch size")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("predict", help="predict on image files: top-5 (classification), boxes (detection), masks "
+                                       "(segmentation); JSON, drawings and overlays")
+    p.add_argument("model", type=Path, help="an export file, a run folder or RUN/checkpoints/TAG")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--dataset", required=True, help="which of the model's datasets (router and head) to use")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--draw-threshold", type=float, default=0.3, help="detection: draw boxes scoring at least this")
+    p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("stats", help="routing analysis of a model on data: usage, router similarity, and on request "
                                      "routing convergence, gradient conflict, expert maps (JSON + plots)")
     p.add_argument("model", type=Path, help="an export file, a run folder or a checkpoint folder RUN/checkpoints/TAG")
@@ -356,7 +397,7 @@ def main(argv=None) -> int:
     except ExportError as e:
         print(f"mthl-ds: model file error: {e}", file=sys.stderr)
         return 2
-    except UsageError as e:
+    except (UsageError, InputError) as e:
         print(f"mthl-ds: {e}", file=sys.stderr)
         return 2
 

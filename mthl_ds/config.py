@@ -46,9 +46,12 @@ class MoEConfig:
     layers: Union[Literal["paper", "all", "every_second", "early", "middle", "later"], tuple[int, ...]] = "paper"
     hidden_divisor: Optional[int] = None  # expert hidden = dense hidden / this; None: / top_k (FLOPs-matched)
     capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0  # only with eval_drop_tokens
     min_capacity: int = 4
-    drop_tokens: bool = True
+    drop_tokens: bool = True  # training: routes over capacity are dropped (DeepSpeed's capacity)
+    # evaluation and prediction: False sizes capacity to the busiest expert, so no route is ever dropped and an
+    # image's output does not depend on the other images of its batch, the batch size or the number of ranks
+    eval_drop_tokens: bool = False
     renormalize: bool = False
     noise_std: float = 0.0
     router_hidden: int = 0
@@ -65,6 +68,9 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)  # None: the dense twin (MTHL.D)
     grad_checkpointing: bool = False  # recompute backbone blocks in backward (activation memory for compute)
+    # a timm checkpoint of the dense backbone (e.g. ImageNet-pretrained); with MoE, moe.upcycle makes the
+    # experts from its MLPs. Used when a run starts, not when a checkpoint or an export is loaded.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -258,6 +264,13 @@ def validate(recipe: Recipe) -> None:
             if not 1 <= att.top_k <= att.num_experts:
                 raise ConfigError(f"model.moe.attention.top_k={att.top_k} must be between 1 and "
                                   f"num_experts={att.num_experts}")
+    init_from = recipe.model.init_from
+    if init_from is not None:
+        if not Path(init_from).is_file():
+            raise ConfigError(f"model.init_from: {init_from} is not a file")
+        if moe is not None and moe.upcycle is None:
+            raise ConfigError("model.init_from: set model.moe.upcycle (copy or split), or the loaded MLPs are "
+                              "replaced by randomly initialised experts")
     unknown = [n for n in recipe.train.dataset_cycle if n not in recipe.datasets]
     if unknown:
         raise ConfigError(f"train.dataset_cycle names {unknown}, not datasets of the recipe {list(recipe.datasets)}")
@@ -346,6 +359,20 @@ def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Reci
         node[keys[-1]] = value
     recipe = _coerce(raw, Recipe, "")
     validate(recipe)
+    return recipe
+
+
+def recipe_from_dict(raw: dict, where: str) -> Recipe:
+    """A recipe stored as a dict (a checkpoint's or an export's), checked as a recipe file is. Its
+    ``model.init_from`` is cleared: the weights are where the recipe is stored, the file may be long gone."""
+    raw = dict(raw)
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = {**raw["model"], "init_from": None}
+    try:
+        recipe = _coerce(raw, Recipe, "")
+        validate(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: the recipe stored there is not usable: {e}") from None
     return recipe
 
 

@@ -8,11 +8,9 @@ fp16: what a V100's tensor cores and cuDNN do (fp16 inputs, fp32 accumulation, f
 (weights, activations, gradients, DeepSpeed's fp16 optimizer, loss scaling, overflow checks, communication) stays
 in fp16 as on the GPU. The product on a GPU needs nothing of this; it is enabled only by the processes that ask:
 
-    python -m mthl_ds.cpu_half --recipe NAME --out RUN_DIR ...     # mthl_ds.train with fp16 on the CPU
+    python -m mthl_ds.train --cpu-fp16 --recipe NAME --out RUN_DIR ...     # each rank calls enable()
 """
 from __future__ import annotations
-
-import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,13 +47,3 @@ def enable() -> None:
     CPU_Accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
     _mode = HalfMatmulsInFloat32()
     _mode.__enter__()
-
-
-def main() -> int:
-    enable()
-    from mthl_ds.train import main as train_main
-    return train_main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

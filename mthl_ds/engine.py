@@ -1,6 +1,8 @@
 """DeepSpeed at the edge: process group, DeepSpeed config, optimizer groups, LR schedule, engine."""
 from __future__ import annotations
 
+from mthl_ds import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
+
 import atexit
 import os
 import socket

@@ -1,10 +1,21 @@
 """Evaluation: each rank evaluates its share of the val shards; counts are summed and detections gathered,
-so the result is identical to a one-rank evaluation. Padding samples (``valid == False``) never count."""
+so the result is identical to a one-rank evaluation. Padding samples (``valid == False``) never count.
+
+Protocols. Classification: timm's eval transform (resize, centre crop 0.875). Detection: COCO bbox AP
+(pycocotools) on boxes mapped back to the original image, against the ground truth rebuilt from the shards (the
+default: what the trainer scores) or, given, the original ``instances_*.json`` (images and boxes dropped at
+conversion then count as misses). Segmentation: the image fitted into the crop canvas; by default scored at the
+canvas scale against the mask resized with it (the trainer's protocol), or at the original resolution as mmseg
+scores (``original``: the logits of the image's part of the canvas resized back to the image, bilinear, then
+argmax, against the original mask). mmseg's ADE20K test resizes the short side to 512 instead of fitting the
+long side into 512 x 512; the model input differs there, not the scoring.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,10 +23,13 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mthl_ds.config import DatasetConfig, Recipe
+from mthl_ds.data.pipelines import IGNORE_INDEX, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet, read_shard
-from mthl_ds.data.pipelines import IGNORE_INDEX
+from mthl_ds.data.shards import ShardError
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+CHANCE_MAP = 0.0  # a detector that guesses has an AP of (almost) zero
 Gather = Callable[[list], list]
 
 
@@ -50,13 +64,17 @@ class SegmentationEvaluator:
         self.num_classes = num_classes
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
 
-    def update(self, prediction: torch.Tensor, batch: dict) -> None:
-        target = batch["mask"][batch["valid"]]
-        prediction = prediction[batch["valid"]]
-        keep = target != IGNORE_INDEX
-        index = target[keep] * self.num_classes + prediction[keep]
-        self.confusion += torch.bincount(index, minlength=self.num_classes ** 2).reshape(
-            self.num_classes, self.num_classes).double()
+    def update(self, prediction, batch: dict) -> None:
+        """``prediction``: (B, H, W) at the canvas scale against ``batch["mask"]``, or a list of masks at the
+        original sizes against ``batch["mask_original"]``."""
+        targets = batch["mask_original"] if isinstance(prediction, list) else batch["mask"]
+        for target, pred, valid in zip(targets, prediction, batch["valid"].tolist()):
+            if not valid:
+                continue
+            keep = target != IGNORE_INDEX
+            index = target[keep] * self.num_classes + pred[keep]
+            self.confusion += torch.bincount(index, minlength=self.num_classes ** 2).reshape(
+                self.num_classes, self.num_classes).double()
 
     @staticmethod
     def metrics(confusion: torch.Tensor) -> dict:
@@ -114,8 +132,8 @@ def coco_map(ground_truth: dict, detections: list[dict]) -> dict:
 class DetectionEvaluator:
     metric = "mAP"
 
-    def __init__(self, shard_set: ShardSet):
-        self.shard_set = shard_set
+    def __init__(self, shard_set: ShardSet, ground_truth: Optional[dict] = None):
+        self.shard_set, self.ground_truth = shard_set, ground_truth
         self.category_ids = [c["id"] for c in shard_set.index["classes"]]
         self.detections: list[dict] = []
 
@@ -132,12 +150,116 @@ class DetectionEvaluator:
     def result(self, reduce_sum: ReduceSum, gather: Gather) -> dict:
         detections = [d for part in gather(self.detections) for d in part]
         detections.sort(key=lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"]))
-        return {**coco_map(coco_ground_truth(self.shard_set), detections), "detections": len(detections)}
+        truth = self.ground_truth if self.ground_truth is not None else coco_ground_truth(self.shard_set)
+        return {**coco_map(truth, detections), "detections": len(detections)}
 
 
-def make_evaluator(task: str, num_classes: int, shard_set: Optional[ShardSet]):
+def make_evaluator(task: str, num_classes: int, shard_set: Optional[ShardSet], ground_truth: Optional[dict] = None):
     if task == "classification":
         return ClassificationEvaluator()
     if task == "segmentation":
         return SegmentationEvaluator(num_classes)
-    return DetectionEvaluator(shard_set)
+    return DetectionEvaluator(shard_set, ground_truth)
+
+
+def coco_annotations(path: Path) -> dict:
+    """An original COCO ``instances_*.json`` as ground truth."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: cannot read COCO annotations ({e})") from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ShardError(f"{path}: missing key(s) {missing}; not a COCO instances file")
+    return data
+
+
+def dataset_pipeline(d: DatasetConfig, original: bool = False) -> PipelineConfig:
+    return PipelineConfig(d.task, tuple(d.size), crop_scale=tuple(d.crop_scale), original=original)
+
+
+def pipeline_config(recipe: Recipe, name: str) -> PipelineConfig:
+    return dataset_pipeline(recipe.datasets[name])
+
+
+def single(values):
+    return values
+
+
+@torch.no_grad()
+def evaluate(forward, model, datasets: dict[str, DatasetConfig], val_sets: dict[str, ShardSet], rank: int = 0,
+             world: int = 1,
+             workers: int = 0, reduce_sum: ReduceSum = single, gather: Gather = lambda obj: [obj],
+             ground_truth: Optional[dict[str, dict]] = None, original: bool = False) -> dict:
+    """Every dataset's val metrics (``val_sets`` names the datasets; ``datasets`` gives their task, classes and
+    input geometry, e.g. a recipe's). ``forward`` is the engine (or the plain model
+    in one process); each rank evaluates its share, counts are summed (``reduce_sum``) and detections gathered
+    (``gather``), so any world size gives the same result. ``ground_truth``: COCO ground truth per detection
+    dataset; ``original``: segmentation at the original resolution (module docstring)."""
+    results = {}
+    for name, val in val_sets.items():
+        d = datasets[name]
+        loader = eval_loader(val, make_decoder(dataset_pipeline(d, original), train=False),
+                             d.eval_batch_size or d.batch_size, rank, world, workers)
+        evaluator = make_evaluator(d.task, d.num_classes, val, (ground_truth or {}).get(name))
+        model.set_dataset(name)
+        head = model.heads[name]
+        for batch in loader:
+            evaluator.update(head.predict(forward(batch["image"].to(model.dtype)), batch), batch)
+        metrics = evaluator.result(reduce_sum, gather)
+        results[name] = {"task": d.task, "metric": evaluator.metric, "value": metrics[evaluator.metric],
+                         "chance": chance_level(evaluator, d.num_classes, reduce_sum), "all": metrics}
+    return results
+
+
+def chance_level(evaluator, num_classes: int, reduce_sum: ReduceSum = single) -> float:
+    if isinstance(evaluator, ClassificationEvaluator):
+        return evaluator.chance(num_classes)
+    if isinstance(evaluator, SegmentationEvaluator):
+        return evaluator.chance_miou(reduce_sum(evaluator.confusion).sum(1).numpy())
+    return CHANCE_MAP
+
+
+def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "val",
+                 annotations: Optional[dict[str, Path]] = None, original: bool = False, batch_size: int = 0,
+                 out: Optional[Path] = None) -> dict:
+    """``mthl-ds evaluate``: every metric of the named datasets for an export, a run folder or a checkpoint, in one
+    process; JSON and a markdown report under ``out``. Input sizes and classes come from the model's metadata."""
+    from mthl_ds.errors import InputError
+    from mthl_ds.export import load_model
+    model, label, inputs = load_model(Path(model_path))
+    model.eval()
+    configs, val_sets = {}, {}
+    for name, folder in data:  # every dataset checked before any evaluation
+        if name not in model.heads:
+            raise InputError(f"--data {name}={folder}: the model has no dataset {name!r}; it has {sorted(model.heads)}")
+        shard_set = ShardSet.open(folder if (Path(folder) / "index.json").is_file() else Path(folder) / split)
+        info = inputs[name]
+        if shard_set.task != info["task"] or shard_set.index["num_classes"] != info["num_classes"]:
+            raise InputError(f"--data {name}={folder}: {shard_set.root} holds {shard_set.task} shards with "
+                             f"{shard_set.index['num_classes']} classes; the model's {name!r} is {info['task']} with "
+                             f"{info['num_classes']}")
+        configs[name] = DatasetConfig(info["task"], num_classes=info["num_classes"], size=tuple(info["size"]),
+                                      batch_size=batch_size or info["eval_batch_size"])
+        val_sets[name] = shard_set
+    truth = {}
+    for name, path in (annotations or {}).items():
+        if configs.get(name) is None or configs[name].task != "detection":
+            raise InputError(f"--annotations {name}={path}: {name!r} is not a detection dataset of --data")
+        truth[name] = coco_annotations(path)
+    results = evaluate(model, model, configs, val_sets, ground_truth=truth, original=original)
+    protocol = {n: ("COCO bbox AP against " + (str(annotations[n]) if n in truth else "the ground truth in the shards"))
+                if c.task == "detection" else ("mIoU at the original resolution" if original else
+                                               "mIoU at the crop-canvas scale (the trainer's)")
+                if c.task == "segmentation" else "top-1 / top-5, timm's eval transform" for n, c in configs.items()}
+    summary = {"model": str(model_path), "label": label, "split": split, "protocol": protocol, "results": results}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+        lines = [f"# Evaluation of {label}", "", "| dataset | task | metric | value | protocol | all |",
+                 "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            extra = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["all"].items())
+            lines.append(f"| {name} | {r['task']} | {r['metric']} | {r['value']:.2f} | {protocol[name]} | {extra} |")
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary

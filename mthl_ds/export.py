@@ -4,7 +4,9 @@ portable safetensors file, and loading it back with no distributed set-up.
 The file holds every weight of the single-device model (ep_size 1, float32) under the names that model's
 ``state_dict`` uses, and one JSON metadata entry (``mthl_ds``) with what rebuilds it (nanoGPT: a checkpoint
 carries the model's arguments): the recipe the model was first built from, the surgery rules applied since,
-and a description a person can read (MoE layers, experts per layer, K and routers per dataset, heads, source).
+each dataset's inputs (task, input size, class names: what evaluate and predict need), and a description a person
+can read (MoE layers, experts per layer, K and routers per dataset, heads, source). Checkpoints themselves, and
+their consolidation into the single-device model, are ``mthl_ds.checkpoint``'s.
 """
 from __future__ import annotations
 
@@ -18,51 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mthl_ds import surgery
-from mthl_ds.config import ConfigError, Recipe, _coerce, validate
-from mthl_ds.models.mthl import MTHLModel, build_model
+from mthl_ds.checkpoint import check_state, consolidate, run_recipe
+from mthl_ds.errors import ExportError
+from mthl_ds.models.mthl import MTHLModel
 
 FORMAT = "mthl-ds-export/1"
 METADATA_KEY = "mthl_ds"
-
-
-class ExportError(ValueError):
-    """A file or checkpoint that cannot be exported or loaded; the message names it and what is wrong."""
-
-
-# ------------------------------------------------------------------------------------------- DeepSpeed -> file
-
-def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every weight of one DeepSpeed checkpoint folder under the single-device names: the non-expert module state
-    (``mp_rank_00_model_states.pt``) plus one file per expert, whose keys DeepSpeed already writes with the
-    expert's *global* index. Floating tensors become float32 (exact from fp16 / bf16)."""
-    main = ckpt / "mp_rank_00_model_states.pt"
-    if not main.is_file():
-        raise ExportError(f"{ckpt} holds no DeepSpeed model states ({main.name} is missing)")
-    state = dict(torch.load(main, map_location="cpu", weights_only=False)["module"])
-    for path in sorted(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(path, map_location="cpu", weights_only=False))
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-
-
-def consolidate(run_dir: Path, tag: Optional[str] = None) -> tuple[MTHLModel, dict]:
-    """(single-device model, source description) of a run's checkpoint: ``tag``, or the latest complete one."""
-    from mthl_ds.train import POINTER, latest_complete
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    tag = tag or latest_complete(ckpt_dir)
-    if tag is None:
-        raise ExportError(f"{run_dir} has no complete checkpoint ({ckpt_dir / POINTER} is missing)")
-    run_file = ckpt_dir / tag / "run.json"
-    if not run_file.is_file():
-        raise ExportError(f"{ckpt_dir / tag} is not a complete checkpoint ({run_file.name} is missing)")
-    run = json.loads(run_file.read_text())
-    recipe = run["recipe"]
-    source = {"run": str(Path(run_dir).resolve()), "tag": tag, "step": run["step"], "world_size": run["world_size"],
-              "ep_size": recipe["train"]["ep_size"], "ds_config": recipe["train"]["ds_config"]}
-    model = build_from(run["model"], str(run_file))
-    state = checkpoint_state(ckpt_dir / tag)
-    check_state(model, state, str(ckpt_dir / tag))
-    model.load_state_dict(state, strict=True)
-    return model, source
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -82,11 +45,31 @@ def describe(model: MTHLModel) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def save_export(path: Path, model: MTHLModel, source: dict) -> Path:
-    """Write ``model`` (single-device) with its metadata; the file appears only once complete."""
+def dataset_inputs(recipe: dict) -> dict[str, dict]:
+    """What evaluating and predicting need of each dataset of a run's recipe (as a dict): task, classes (from its
+    shard index, if the shards are still where the run read them; else None), input size and eval batch size."""
+    out = {}
+    for name, d in recipe["datasets"].items():
+        folder = Path(d.get("shards") or name)
+        folder = folder if folder.is_absolute() else Path(recipe["train"]["data_root"]) / folder
+        classes = None
+        for split in ("train", "val"):
+            index = folder / split / "index.json"
+            if index.is_file():
+                data = json.loads(index.read_text())
+                classes = data.get("class_names") or data.get("classes")
+                break
+        out[name] = {"task": d["task"], "num_classes": d["num_classes"], "size": list(d["size"]),
+                     "eval_batch_size": d.get("eval_batch_size") or d["batch_size"], "classes": classes}
+    return out
+
+
+def save_export(path: Path, model: MTHLModel, source: dict, recipe: Optional[dict] = None) -> Path:
+    """Write ``model`` (single-device) with its metadata; the file appears only once complete. ``recipe``: the
+    run's recipe (as a dict), whose datasets give each head's input size and class names."""
     path = Path(path)
     meta = {"format": FORMAT, "built_from": model.built_from, "surgery": model.surgery, "source": source,
-            "model": describe(model)}
+            "model": describe(model), "datasets": dataset_inputs(recipe) if recipe else {}}
     # one fresh, contiguous float32 copy per tensor (safetensors refuses tensors that share storage)
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone(memory_format=torch.contiguous_format)
              for k, v in model.state_dict().items()}
@@ -99,7 +82,7 @@ def save_export(path: Path, model: MTHLModel, source: dict) -> Path:
 
 def export_run(run_dir: Path, out: Path, tag: Optional[str] = None) -> Path:
     model, source = consolidate(run_dir, tag)
-    return save_export(out, model, source)
+    return save_export(out, model, source, run_recipe(run_dir, source["tag"]))
 
 
 def read_metadata(path: Path) -> dict:
@@ -119,48 +102,27 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def source_recipe(meta: dict, where: str) -> Recipe:
-    """The recipe the exported model was first built from."""
-    try:
-        recipe = _coerce(dict(meta["built_from"]), Recipe, "")
-        validate(recipe)
-    except ConfigError as e:
-        raise ExportError(f"{where}: the recipe in the metadata is not usable: {e}") from None
-    return recipe
-
-
-def build_from(meta: dict, where: str) -> MTHLModel:
-    """The single-device model ``meta`` (``built_from`` + ``surgery``) describes, freshly initialised."""
-    return surgery.apply(build_model(source_recipe(meta, where)), meta["surgery"])
-
-
-def check_state(model: MTHLModel, state: dict, where: str) -> None:
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ExportError(f"{where}: weights do not match the model its metadata describes: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
-
-
-def load_model(path: Path) -> tuple[MTHLModel, str]:
-    """(single-device model, short label) from an export file, a run folder (its latest complete checkpoint) or a
-    checkpoint folder ``RUN/checkpoints/TAG``."""
+def load_model(path: Path) -> tuple[MTHLModel, str, dict[str, dict]]:
+    """(single-device model, short label, each dataset's inputs: ``dataset_inputs``) from an export file, a run
+    folder (its latest complete checkpoint) or a checkpoint folder ``RUN/checkpoints/TAG``."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         model, source = consolidate(path)
-        return model, f"{path.name}/{source['tag']}"
+        return model, f"{path.name}/{source['tag']}", dataset_inputs(run_recipe(path, source["tag"]))
     if path.is_dir():
         if path.parent.name != "checkpoints":
             raise ExportError(f"{path}: neither an export file, a run folder nor RUN/checkpoints/TAG")
-        return consolidate(path.parents[1], path.name)[0], f"{path.parents[1].name}/{path.name}"
-    return load_export(path)[0], path.stem
+        run_dir = path.parents[1]
+        model = consolidate(run_dir, path.name)[0]
+        return model, f"{run_dir.name}/{path.name}", dataset_inputs(run_recipe(run_dir, path.name))
+    model, meta = load_export(path)
+    return model, path.stem, meta.get("datasets") or dataset_inputs(meta["built_from"])
 
 
 def load_export(path: Path, ep_size: int = 1, ep_rank: int = 0) -> tuple[MTHLModel, dict]:
     """(model, metadata). ``ep_size > 1``: this rank's share of the experts, for a DeepSpeed run."""
     meta = read_metadata(path)
-    model = build_from(meta, str(path))
+    model = surgery.rebuild(meta, str(path))
     try:
         from safetensors.torch import load_file
         state = load_file(str(path))

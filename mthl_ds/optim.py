@@ -50,11 +50,14 @@ class Lamb(torch.optim.Optimizer):
         betas: Adam's moment coefficients.
         eps: added to the second-moment root.
         weight_decay: L2 added to the update (LAMB's); groups with 0 get no trust-ratio adaptation.
+        skip_idle: leave tensors with an all-zero gradient alone (module docstring); False moves them as
+            DeepSpeed's LAMB does (kept to show what that does: tests/test_heads.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, skip_idle: bool = True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.skip_idle = skip_idle
         # Keyed by the flat partition tensor: DeepSpeed steps one group at a time through a swapped-in list.
         self.layouts: dict[Tensor, PartitionLayout] = {}
         self.partitioned = False  # set before ZeRO wraps it: every group must then get a layout
@@ -88,7 +91,7 @@ class Lamb(torch.optim.Optimizer):
         model with many small tensors (E experts per layer) pays per-op overhead once per chunk, and every op
         of the chunk finds its tensors in cache. Idle tensors (zero gradient) are left out."""
         grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in params]
-        active = [i for i, n in enumerate(torch.stack(torch._foreach_norm(grads)).tolist()) if n > 0]
+        active = [i for i, n in enumerate(torch.stack(torch._foreach_norm(grads)).tolist()) if n > 0 or not self.skip_idle]
         if len(active) < len(params):
             params, grads = [params[i] for i in active], [grads[i] for i in active]
             if not params:
@@ -131,6 +134,8 @@ class Lamb(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = self._moments(p)
         active = self._tensor_sums([grad], layout)[0] > 0  # (tensors + padding,), the same on every rank
         active[layout.num_tensors] = True  # padding: whatever it holds is never read
+        if not self.skip_idle:
+            active[:] = True
         if bool(active[layout.tensor_ids.to(active.device)].all()):
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

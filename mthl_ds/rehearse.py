@@ -4,7 +4,7 @@ batch and steps, so the first time the real job meets its shapes is not on the c
     DIR/world/    ImageNet, COCO and ADE20K at their real resolutions and label spaces (synth.write_real_size_world)
     DIR/shards/   their shards, made by the same converters as real data
     DIR/run/      the recipe's real model under the deepspeed launcher (ZeRO as configured, LAMB, fp16 through
-                  mthl_ds.cpu_half): every dataset in turn, a checkpoint, a second launch that resumes from it for
+                  train --cpu-fp16): every dataset in turn, a checkpoint, a second launch that resumes from it for
                   one more step, an evaluation at the end of each launch
     DIR/dense/    the dense twin (MTHL.D) at the same shapes, for the step-time ratio
     DIR/model.safetensors, DIR/rehearsal.json, DIR/rehearsal.md
@@ -32,30 +32,12 @@ class RehearsalError(RuntimeError):
     """A phase of the rehearsal failed; the message names it and where its output is."""
 
 
-def prepare_world(out: Path, ranks: int) -> Path:
-    """Real-size datasets and their shards, one sample per shard: every rank's reader gets two shards."""
-    from mthl_ds.data.shards import convert
-    from mthl_ds.data.synth import write_real_size_world
-    shards = out / "shards"
-    if (shards / ".complete").is_file():
-        return shards
-    roots = write_real_size_world(out / "world", train=2 * ranks, val=ranks)
-    for split in ("train", "val"):
-        common = dict(split=split, shard_size=1, force=True)
-        convert("imagenet", shards / "imagenet" / split, root=roots["imagenet"], **common)
-        convert("coco", shards / "coco" / split, images=roots["coco"] / f"{split}2017",
-                annotations=roots["coco"] / "annotations" / f"instances_{split}2017.json", **common)
-        convert("ade20k", shards / "ade20k" / split, root=roots["ade20k"], **common)
-    (shards / ".complete").write_text("ok\n")
-    return shards
-
-
 def launch(recipe: str, run_dir: Path, overrides: list[str], ranks: int, precision: str, phase: str) -> None:
-    """``mthl_ds.train`` (``mthl_ds.cpu_half`` for fp16) on ``ranks`` CPU ranks under the deepspeed launcher."""
+    """``mthl_ds.train`` (with ``--cpu-fp16`` for fp16) on ``ranks`` CPU ranks under the deepspeed launcher."""
     from mthl_ds.engine import free_port, launcher_free_env
-    module = "mthl_ds.cpu_half" if precision == "fp16" else "mthl_ds.train"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", module, "--recipe", recipe, "--out", str(run_dir)]
+           str(free_port()), "--module", "mthl_ds.train", *(["--cpu-fp16"] if precision == "fp16" else []),
+           "--recipe", recipe, "--out", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(launcher_free_env(), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
@@ -101,6 +83,7 @@ def dense_twin_overrides(recipe: Recipe) -> list[str]:
 def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16", steps: int = 0,
              batch_size: int = 1, overrides: tuple[str, ...] = (), dense: bool = True, progress=print) -> dict:
     """Run the rehearsal (module docstring) and return its figures; writes DIR/rehearsal.{json,md}."""
+    from mthl_ds.data.synth import write_real_size_shards
     from mthl_ds.export import export_run, load_export
     from mthl_ds.memory import capacity_at, plan_recipe, state_bytes
     if precision not in PRECISION_CONFIGS:
@@ -112,10 +95,10 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
     moe = paper.model.moe
     ep = math.gcd(ranks, moe.num_experts) if moe else 1
     start = time.time()
-    shards = prepare_world(out, ranks)
+    shards = write_real_size_shards(out, ranks)
     settings = [*overrides, f"train.ds_config={PRECISION_CONFIGS[precision]}", f"train.ep_size={ep}",
                 f"train.data_root={shards}", "train.workers=1", f"train.dataset_cycle=[{','.join(names)}]",
-                "train.log_every=1", "train.eval_every=0", "train.keep_checkpoints=2"]
+                "train.log_every=1", "train.eval_every=0", "train.keep_checkpoints=1"]  # disk: a real-size checkpoint is GBs
     for n in names:
         settings += [f"datasets.{n}.batch_size={batch_size}", f"datasets.{n}.eval_batch_size={batch_size}"]
     recipe = load_recipe(recipe_name, settings + [f"train.steps={steps + 1}"])  # refused here, before any launch

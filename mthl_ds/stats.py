@@ -45,9 +45,9 @@ class RouteRecorder:
         self.ranked: list[list[torch.Tensor]] = [[] for _ in self.gates]
 
     def __enter__(self) -> "RouteRecorder":
-        self.saved = [g.drop_tokens for g in self.gates]
+        self.saved = [(g.drop_tokens, g.eval_drop_tokens) for g in self.gates]
         for g in self.gates:
-            g.drop_tokens = False
+            g.drop_tokens = g.eval_drop_tokens = False
         # gates fire in block order (attention, then MLP, block by block); records are kept per gate
         self.hooks = [g.register_forward_hook(lambda gate, inputs, output, i=i: self._record(i, output))
                       for i, g in enumerate(self.gates)]
@@ -72,7 +72,7 @@ class RouteRecorder:
 
     def __exit__(self, *exc) -> None:
         for g, drop in zip(self.gates, self.saved):
-            g.drop_tokens = drop
+            g.drop_tokens, g.eval_drop_tokens = drop
         for h in self.hooks:
             h.remove()
 

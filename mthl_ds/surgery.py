@@ -19,9 +19,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from mthl_ds.config import ConfigError, recipe_from_dict
+from mthl_ds.errors import ExportError
 from mthl_ds.models.backbone import mlp_blocks
 from mthl_ds.models.heads import build_head
-from mthl_ds.models.mthl import MTHLModel
+from mthl_ds.models.mthl import MTHLModel, build_model
 from mthl_ds.moe.layer import Adapter, MoEMlp
 
 
@@ -107,6 +109,16 @@ def add_adapters(model: MTHLModel, reduction: int) -> None:
 
 RULES = {"add_dataset": add_dataset, "drop_dataset": drop_dataset, "set_top_k": set_top_k,
          "keep_experts": keep_experts, "add_experts": add_experts, "add_adapters": add_adapters}
+
+
+def rebuild(meta: dict, where: str) -> MTHLModel:
+    """The single-device model a checkpoint's or an export's metadata describes (``built_from``, the recipe, and the
+    ``surgery`` rules applied since), freshly initialised: nanoGPT's "a checkpoint carries the model's arguments"."""
+    try:
+        recipe = recipe_from_dict(meta["built_from"], where)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    return apply(build_model(recipe, pretrained=False), meta["surgery"])
 
 
 @torch.no_grad()

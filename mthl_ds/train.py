@@ -10,13 +10,10 @@ report. Started again with the same folder, a run resumes from its latest comple
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -24,29 +21,24 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
-from mthl_ds import surgery
-from mthl_ds.adapt import adapted_model, resolve_source
+from mthl_ds import checkpoint, cpu_half, surgery
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
-from mthl_ds.data.pipelines import DatasetLoader, PipelineConfig, eval_loader, make_decoder
+from mthl_ds.data.pipelines import DatasetLoader, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
 from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
                              init_distributed, world)
-from mthl_ds.evaluation import ClassificationEvaluator, SegmentationEvaluator, make_evaluator
+from mthl_ds.evaluation import evaluate, pipeline_config
 from mthl_ds.memory import engine_state_bytes
-from mthl_ds.models.mthl import MTHLModel, build_model
-from mthl_ds.surgery import SurgeryError, shard_experts
+from mthl_ds.models.adapted import build_run_model, resolve_source
 
 log = logging.getLogger("mthl_ds.train")
-POINTER = "latest_complete"
-CHANCE_MAP = 0.0  # a detector that guesses has an AP of (almost) zero
 
 
 class NonFiniteLoss(RuntimeError):
@@ -93,68 +85,6 @@ def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, Sh
     return sets
 
 
-def model_signature(recipe: Recipe) -> dict:
-    """What must not change when a run resumes: the model and each dataset's task and classes."""
-    return {"model": dataclasses.asdict(recipe.model),
-            "datasets": {n: {"task": d.task, "num_classes": d.num_classes, "top_k": d.top_k}
-                         for n, d in recipe.datasets.items()},
-            "adapt": dataclasses.asdict(recipe.adapt) if recipe.adapt else None}
-
-
-def build_run_model(recipe: Recipe, ep_size: int, ep_rank: int) -> MTHLModel:
-    """The recipe's model from scratch, or, with an ``adapt`` section, the export it names after surgery."""
-    if recipe.adapt is None:
-        return build_model(recipe, ep_size=ep_size, ep_rank=ep_rank)
-    try:
-        return shard_experts(adapted_model(recipe), ep_size, ep_rank)
-    except SurgeryError as e:
-        raise ConfigError(f"train.ep_size={ep_size}: {e}") from None
-
-
-def diff(saved, current, prefix="") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [d for k in sorted(set(saved) | set(current))
-                for d in diff(saved.get(k), current.get(k), f"{prefix}.{k}" if prefix else k)]
-    saved = list(saved) if isinstance(saved, tuple) else saved
-    current = list(current) if isinstance(current, tuple) else current
-    return [] if saved == current else [f"{prefix}: checkpoint has {saved!r}, recipe has {current!r}"]
-
-
-def latest_complete(ckpt_dir: Path) -> Optional[str]:
-    pointer = ckpt_dir / POINTER
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (ckpt_dir / tag / "run.json").is_file():
-        raise ShardError(f"{pointer} names {tag!r} but {ckpt_dir / tag} is not a complete checkpoint")
-    return tag
-
-
-def check_resume(ckpt_dir: Path, recipe: Recipe) -> Optional[str]:
-    tag = latest_complete(ckpt_dir)
-    if tag is None:
-        return None
-    saved = json.loads((ckpt_dir / tag / "run.json").read_text())
-    problems = diff(saved["signature"], model_signature(recipe))
-    if problems:
-        raise ConfigError(f"{ckpt_dir / tag} was written by a different model; refusing to resume:\n  "
-                          + "\n  ".join(problems))
-    return tag
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 EXIT_STOPPED = 75  # the run saved a checkpoint on request and should be started again (sbatch requeues)
 
 
@@ -185,40 +115,6 @@ def logged_by(row: dict, steps_done: int) -> bool:
     return row.get("step", 0) < steps_done if "loss" in row else row.get("step", 0) <= steps_done
 
 
-def pipeline_config(recipe: Recipe, name: str) -> PipelineConfig:
-    d = recipe.datasets[name]
-    return PipelineConfig(d.task, tuple(d.size), crop_scale=tuple(d.crop_scale))
-
-
-@torch.no_grad()
-def evaluate(forward, model, recipe: Recipe, val_sets: dict[str, ShardSet], rank: int = 0, world: int = 1,
-             workers: int = 0) -> dict:
-    """Every dataset's val metrics. ``forward`` is the engine (or the plain model in one process); each rank
-    evaluates its share, counts are summed and detections gathered, so any world size gives the same result."""
-    results = {}
-    for name, d in recipe.datasets.items():
-        val = val_sets[name]
-        loader = eval_loader(val, make_decoder(pipeline_config(recipe, name), train=False),
-                             d.eval_batch_size or d.batch_size, rank, world, workers)
-        evaluator = make_evaluator(d.task, d.num_classes, val)
-        model.set_dataset(name)
-        head = model.heads[name]
-        for batch in loader:
-            evaluator.update(head.predict(forward(batch["image"].to(model.dtype)), batch), batch)
-        metrics = evaluator.result(all_reduce_sum, all_gather_objects)
-        results[name] = {"task": d.task, "metric": evaluator.metric, "value": metrics[evaluator.metric],
-                         "chance": chance_level(evaluator, d.num_classes), "all": metrics}
-    return results
-
-
-def chance_level(evaluator, num_classes: int) -> float:
-    if isinstance(evaluator, ClassificationEvaluator):
-        return evaluator.chance(num_classes)
-    if isinstance(evaluator, SegmentationEvaluator):
-        return evaluator.chance_miou(all_reduce_sum(evaluator.confusion).sum(1).numpy())
-    return CHANCE_MAP
-
-
 # ------------------------------------------------------------------------------------------------ the trainer
 
 class Trainer:
@@ -237,7 +133,7 @@ class Trainer:
         self.recipe = r = resolve_source(self.recipe)
         check_world(r, launch_world_size())
         self.sets = open_shards(r, launch_world_size())
-        resume_tag = check_resume(self.ckpt_dir, r)
+        resume_tag = checkpoint.check_resume(self.ckpt_dir, r)
         init_distributed()
         self.rank, self.world = world()
         torch.manual_seed(r.train.seed)
@@ -412,52 +308,21 @@ class Trainer:
         """Val metrics, read in the rank's own process: a DataLoader worker forked here, after the process group
         and the training loaders' threads exist, once hung a rank (seen in CI, zero2 resume test)."""
         self.engine.eval()
-        results = evaluate(self.engine, self.model, self.recipe, {n: v for n, (_, v) in self.sets.items()},
-                           self.rank, self.world, workers=0)
+        results = evaluate(self.engine, self.model, self.recipe.datasets, {n: v for n, (_, v) in self.sets.items()},
+                           self.rank, self.world, workers=0, reduce_sum=all_reduce_sum, gather=all_gather_objects)
         self.engine.train()
         return results
 
     # ---- checkpoints
     def save(self) -> None:
-        tag = f"step{self.step:08d}"
-        client = {"step": self.step}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"loaders": {n: l.state_dict() for n, l in self.loaders.items()}, "rng": rng_state(),
-                    "usage": self.usage, "aes": self.selection.state_dict() if self.selection else None},
-                   self.ckpt_dir / tag / f"rank{self.rank}_state.pt")
-        barrier()
-        if self.rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
-            (self.ckpt_dir / tag / "run.json").write_text(json.dumps(
-                {"step": self.step, "world_size": self.world, "signature": model_signature(self.recipe),
-                 "recipe": recipe_to_dict(self.recipe),
-                 "model": {"built_from": self.model.built_from, "surgery": self.model.surgery}},
-                indent=1, default=list))
-            tmp = self.ckpt_dir / f".{POINTER}.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.ckpt_dir / POINTER)
-            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.recipe.train.keep_checkpoints]:
-                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
-        barrier()
+        rank_state = {"loaders": {n: loader.state_dict() for n, loader in self.loaders.items()}, "usage": self.usage,
+                      "aes": self.selection.state_dict() if self.selection else None}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, self.recipe, self.model, rank_state, self.rank,
+                        self.world, barrier)
 
     def load(self, tag: str) -> dict:
-        saved = json.loads((self.ckpt_dir / tag / "run.json").read_text())
-        if saved["world_size"] != self.world:
-            raise ConfigError(f"{self.ckpt_dir / tag} was written by {saved['world_size']} ranks; this run has "
-                              f"{self.world}: exact resume needs the same world size")
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        if path is None:
-            raise ShardError(f"DeepSpeed found no checkpoint {tag!r} in {self.ckpt_dir}")
-        self.step = client["step"]
-        state = torch.load(self.ckpt_dir / tag / f"rank{self.rank}_state.pt", weights_only=False)
-        set_rng_state(state["rng"])
+        self.step, state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.model, self.rank, self.world)
         self.usage = state["usage"]
-        # K set during training (AES) is not in the weights: replay the checkpoint's rules the new model lacks
-        later = saved["model"]["surgery"][len(self.model.surgery):]
-        if any(rule["op"] != "set_top_k" for rule in later):
-            raise ConfigError(f"{self.ckpt_dir / tag}: surgery during training other than set_top_k: {later}")
-        surgery.apply(self.model, later)
         if self.selection is not None:
             self.selection.load_state_dict(state["aes"])
         if self.rank == 0:
@@ -542,8 +407,12 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--out", type=Path, required=True, help="the run folder (resumed if it has checkpoints)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cpu-fp16", action="store_true",
+                        help="fp16 on CPU ranks (rehearsals, tests): fp16 matmuls in float32, see mthl_ds.cpu_half")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
+    if args.cpu_fp16:
+        cpu_half.enable()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.set)

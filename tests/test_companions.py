@@ -13,14 +13,16 @@ from mthl_ds.aes import AdaptiveTopK, heldout_positions
 from mthl_ds.config import load_recipe
 from mthl_ds.data.pipelines import eval_loader, make_decoder
 from mthl_ds.data.reader import EvalStream, ShardSet, TrainStream
-from mthl_ds.export import consolidate, export_run, load_export, read_metadata
+from mthl_ds.checkpoint import consolidate
+from mthl_ds.export import export_run, load_export, read_metadata
 from mthl_ds.models.backbone import resolve_layers
 from mthl_ds.models.mthl import build_model
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
 from mthl_ds.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence,
                             routing_statistics, shared_parameters, token_grid, usage_of)
-from mthl_ds.train import open_shards, pipeline_config
+from mthl_ds.evaluation import pipeline_config
+from mthl_ds.train import open_shards
 
 # ------------------------------------------------------------------------------------------ AES, by hand
 

@@ -6,6 +6,8 @@ import math
 import subprocess
 import sys
 
+import shutil
+
 import pytest
 
 from mthl_ds.engine import launcher_free_env
@@ -22,12 +24,16 @@ def rehearse(tmp_path_factory, recipe, precision):
 
 @pytest.fixture(scope="module")
 def swin_t(tmp_path_factory):
-    return rehearse(tmp_path_factory, "mthl_swin_t", "fp16")
+    result = rehearse(tmp_path_factory, "mthl_swin_t", "fp16")
+    yield result
+    shutil.rmtree(result[0])  # GBs of real-size checkpoints: gone before the next module's run
 
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    return rehearse(tmp_path_factory, "modsquad_vit_s", "bf16")
+    result = rehearse(tmp_path_factory, "modsquad_vit_s", "bf16")
+    yield result
+    shutil.rmtree(result[0])
 
 
 def check_run(out, result, experts):

@@ -18,7 +18,7 @@ from mthl_ds.bench.common import side_by_side, timed
 from mthl_ds.data.pipelines import PipelineConfig, make_decoder
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.shards import convert_world
-from mthl_ds.data.synth import write_world
+from mthl_ds.data.synth import write_real_size_shards, write_world
 
 
 def synthetic_shards(workdir: Path) -> dict[str, Path]:
@@ -79,12 +79,11 @@ def run_real_size(recipe_name: str = "mthl_swin_t", count: int = 48, repeats: in
     one thread) on real-size synthetic images, and the workers per GPU that feed the recipe's batch at a V100
     step time."""
     from mthl_ds.config import load_recipe
-    from mthl_ds.rehearse import prepare_world
-    from mthl_ds.train import pipeline_config
+    from mthl_ds.evaluation import pipeline_config
     recipe = load_recipe(recipe_name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        shards = prepare_world(Path(tmp), ranks=count // 2)
+        shards = write_real_size_shards(Path(tmp), ranks=count // 2)
         torch.set_num_threads(1)
         for name, d in recipe.datasets.items():
             shard_set = ShardSet.open(shards / name / "train")

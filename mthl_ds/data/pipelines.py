@@ -29,12 +29,14 @@ IGNORE_INDEX = 255
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Input geometry of one dataset. ``size`` is the crop (classification, segmentation) or canvas
-    (detection) as (height, width)."""
+    """Input geometry of one dataset. ``size`` (height, width) is the crop (classification, segmentation) or,
+    for detection, the bound an image is resized into (mmdet's ``img_scale``), padded up to a multiple of 32 for
+    the canvas."""
     task: str
     size: tuple[int, int]
     scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation random rescale
     crop_scale: tuple[float, float] = (0.08, 1.0)  # classification RandomResizedCrop area range
+    original: bool = False  # segmentation eval: also the original mask, for scoring at the original resolution
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -74,16 +76,27 @@ def random_resized_crop(rng: np.random.Generator, width: int, height: int, scale
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def eval_preprocess(cfg: PipelineConfig) -> Callable[[Image.Image], tuple[torch.Tensor, float]]:
+    """How evaluation and prediction turn an RGB image into the model's input: (tensor, the scale from the
+    image to it). Classification: timm's eval transform (resize, centre crop 0.875); detection: fit into the size
+    and pad to the canvas; segmentation: fit and pad into the crop."""
+    if cfg.task == "classification":
+        transform = create_transform(cfg.size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+        return lambda img: (transform(img), 1.0)
+    canvas = padded(cfg.size) if cfg.task == "detection" else tuple(cfg.size)
+    return lambda img: fit_and_pad(img, cfg.size, Image.BILINEAR, canvas)
+
+
 def classification_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     """Train: RandomResizedCrop (bicubic) + flip + normalise, drawn from the per-sample generator so the
     result depends on (seed, reader, ordinal) only. Eval: timm's transform (resize, center crop 0.875)."""
-    eval_transform = create_transform(cfg.size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    preprocess = eval_preprocess(cfg)
     out_h, out_w = cfg.size
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
         img = open_rgb(image_bytes(sample))
         if not train:
-            return {"image": eval_transform(img), "label": int(sample["cls"])}
+            return {"image": preprocess(img)[0], "label": int(sample["cls"])}
         left, top, w, h = random_resized_crop(rng, img.width, img.height, cfg.crop_scale)
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
         if rng.random() < 0.5:
@@ -117,7 +130,8 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     0.75 of mmdet's scale). Deliberate: one shape per dataset keeps the expert-parallel ranks' token counts equal
     without grouping batches, and the loaders then resume exactly by sample ordinal (a grouping buffer would hold
     samples across a checkpoint)."""
-    canvas = padded(cfg.size)
+    preprocess = eval_preprocess(cfg)
+
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> Optional[dict]:
         meta = json.loads(sample["json"])
         if train and not meta["boxes"]:
@@ -132,7 +146,7 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
                 boxes = torch.stack([img.width - boxes[:, 2], boxes[:, 1], img.width - boxes[:, 0], boxes[:, 3]], 1)
-        image, scale = fit_and_pad(img, cfg.size, Image.BILINEAR, canvas)
+        image, scale = preprocess(img)  # the same fit and pad in training
         return {"image": image, "boxes": boxes * scale, "labels": labels, "image_id": meta["image_id"],
                 "scale": scale, "orig_size": (meta["height"], meta["width"])}
     return decode
@@ -149,6 +163,7 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     """Train: random rescale (short side = crop short side x U(scale_range)), random crop (padding with the
     ignore index), flip. Eval: resize keeping aspect into the crop canvas, pad. Metrics use the resized mask."""
     crop_h, crop_w = cfg.size
+    preprocess = eval_preprocess(cfg)
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
         img = open_rgb(image_bytes(sample))
@@ -167,11 +182,16 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
                 img, mask_img = img.transpose(Image.FLIP_LEFT_RIGHT), mask_img.transpose(Image.FLIP_LEFT_RIGHT)
             image = F.pad(to_normalized(img), (0, crop_w - img.width, 0, crop_h - img.height))
         else:
-            image, scale = fit_and_pad(img, cfg.size, Image.BILINEAR)
+            original = mask_img
+            image, scale = preprocess(img)
             mask_img = mask_img.resize((round(img.width * scale) or 1, round(img.height * scale) or 1), Image.NEAREST)
         mask = reduce_zero_label(np.asarray(mask_img))
         mask = F.pad(mask, (0, crop_w - mask.shape[1], 0, crop_h - mask.shape[0]), value=IGNORE_INDEX)
-        return {"image": image, "mask": mask}
+        item = {"image": image, "mask": mask}
+        if not train and cfg.original:
+            item.update(mask_original=reduce_zero_label(np.asarray(original)), scale=scale,
+                        orig_size=(original.height, original.width))
+        return item
     return decode
 
 
@@ -185,8 +205,8 @@ def make_decoder(cfg: PipelineConfig, train: bool) -> Callable:
 
 def collate(items: list[dict]) -> dict:
     """Stack tensors (one shape per dataset, so a mismatch is an error) and numbers; detection boxes and
-    their labels vary in count and stay lists, as do other values."""
-    ragged = {"boxes", "labels"} if "boxes" in items[0] else set()
+    their labels vary in count, original-size masks in size: they stay lists, as do other values."""
+    ragged = ({"boxes", "labels"} if "boxes" in items[0] else set()) | {"mask_original"}
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]

@@ -187,6 +187,18 @@ def imagenet_classes(root: Path) -> list[str]:
     return sorted(p.name for p in train.iterdir() if p.is_dir())
 
 
+def imagenet_class_names(root: Path, classes: list[str]) -> list[str]:
+    """Readable names from ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca" -> "tench"); else the ids."""
+    mapping = root / "LOC_synset_mapping.txt"
+    if not mapping.is_file():
+        return list(classes)
+    names = {}
+    for line in mapping.read_text().splitlines():
+        wnid, _, text = line.strip().partition(" ")
+        names[wnid] = text.split(",")[0].strip() or wnid
+    return [names.get(c, c) for c in classes]
+
+
 def read_val_labels(path: Path) -> dict[str, str]:
     """Label file of the flat val layout: LOC_val_solution.csv (ImageId,PredictionString) or 'file wnid' lines."""
     labels = {}
@@ -316,7 +328,8 @@ def convert(dataset_kind: str, out: Path, *, split: str, shard_size: int = 256, 
     if dataset_kind == "imagenet":
         samples, classes = imagenet_samples(root, split, labels)
         return write_shard_set("classification", samples, out, shard_size, workers, classes=classes,
-                               dataset=name or "imagenet", split=split, num_classes=len(classes), force=force)
+                               dataset=name or "imagenet", split=split, num_classes=len(classes), force=force,
+                               extra={"class_names": imagenet_class_names(root, classes)})
     if dataset_kind == "coco":
         samples, categories, dropped = coco_samples(images, annotations)
         return write_shard_set("detection", samples, out, shard_size, workers, classes=categories,

@@ -309,3 +309,21 @@ def write_real_size_world(out: Path, seed: int = 0, train: int = 4, val: int = 2
     real_detection(roots["coco"], seed, train, val)
     real_segmentation(roots["ade20k"], seed, train, val)
     return roots
+
+
+def write_real_size_shards(out: Path, ranks: int) -> Path:
+    """``write_real_size_world`` in ``out/world`` for ``ranks`` ranks and its shards in ``out/shards``, one sample per
+    shard, so every rank's reader gets two training shards (``mthl-ds rehearse``, ``bench data --real-size``)."""
+    from mthl_ds.data.shards import convert
+    shards = out / "shards"
+    if (shards / ".complete").is_file():
+        return shards
+    roots = write_real_size_world(out / "world", train=2 * ranks, val=ranks)
+    for split in ("train", "val"):
+        common = dict(split=split, shard_size=1, force=True)
+        convert("imagenet", shards / "imagenet" / split, root=roots["imagenet"], **common)
+        convert("coco", shards / "coco" / split, images=roots["coco"] / f"{split}2017",
+                annotations=roots["coco"] / "annotations" / f"instances_{split}2017.json", **common)
+        convert("ade20k", shards / "ade20k" / split, root=roots["ade20k"], **common)
+    (shards / ".complete").write_text("ok\n")
+    return shards

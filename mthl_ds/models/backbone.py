@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from mthl_ds.config import MoEConfig
+from mthl_ds.models.pretrained import load_dense_checkpoint
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
 from mthl_ds.moe.losses import exact_negative_mi
@@ -68,7 +69,8 @@ def resolve_layers(layers: Union[str, Sequence[int]], count: int) -> tuple[int, 
 def make_gate(dim: int, num_experts: int, top_k: dict[str, int], moe: MoEConfig, context: RoutingContext,
               **overrides) -> PerDatasetGate:
     kwargs = dict(capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
-                  min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, renormalize=moe.renormalize,
+                  min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, eval_drop_tokens=moe.eval_drop_tokens,
+                  renormalize=moe.renormalize,
                   noise_std=moe.noise_std, router_hidden=moe.router_hidden, loss_coefs=moe.losses,
                   mi_momentum=moe.mi_momentum, context=context)
     return PerDatasetGate(dim, num_experts, list(top_k), top_k, **{**kwargs, **overrides})
@@ -86,7 +88,7 @@ def moe_attention(net: nn.Module, moe: MoEConfig, datasets: Sequence[str], conte
             raise ValueError(f"block {i}: MoE attention replaces timm's ViT Attention, not {type(dense).__name__}")
         dim = dense.qkv.in_features
         gate = make_gate(dim, att.num_experts, {d: att.top_k for d in datasets}, moe, context, drop_tokens=False,
-                         noise_std=0.0, loss_coefs=att.losses)
+                         eval_drop_tokens=False, noise_std=0.0, loss_coefs=att.losses)
         layer = MoEAttention(dim, att.num_experts, att.head_dim or dim // att.top_k, gate,
                              qkv_bias=dense.qkv.bias is not None, seed=seed * 1009 + 500 + i)
         blocks[i].attn = layer
@@ -262,7 +264,7 @@ def create_timm(name: str, img_size: int, drop_path_rate: float = 0.0) -> nn.Mod
 
 def build_backbone(name: str, datasets: Iterable[str], moe: Optional[MoEConfig], top_k: Optional[dict] = None,
                    img_size: int = 224, drop_path_rate: float = 0.0, ep_size: int = 1, ep_rank: int = 0,
-                   seed: int = 0) -> MoEBackbone:
+                   seed: int = 0, init_from: Optional[str] = None) -> MoEBackbone:
     """Build a backbone: MTHL when ``moe`` is given, its dense twin MTHL.D when ``moe`` is None.
 
     Args:
@@ -273,10 +275,14 @@ def build_backbone(name: str, datasets: Iterable[str], moe: Optional[MoEConfig],
         img_size: input size the backbone is built for.
         ep_size, ep_rank: expert-parallel size and this rank's index in its expert-parallel group.
         seed: seeds the whole init (timm's and the experts'), so every rank builds the same model.
+        init_from: a timm checkpoint of the dense backbone, loaded before the MLPs become MoE layers (the
+            experts are then upcycled from it when ``moe.upcycle`` is set).
     """
     datasets = list(datasets)
     torch.manual_seed(seed)
     net = create_timm(name, img_size, drop_path_rate)
+    if init_from is not None:
+        load_dense_checkpoint(net, init_from)
     context = RoutingContext()
     layers: list[MoEMlp] = []
     attention: list[MoEAttention] = []

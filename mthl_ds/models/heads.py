@@ -138,8 +138,11 @@ class RetinaNetDetectionHead(nn.Module):
         anchors = [self.level_anchors(pyramid)] * images.shape[0]
         shapes = [tuple(images.shape[-2:])] * images.shape[0]
         detections = RetinaNet.postprocess_detections(self, split, anchors, shapes)
-        for det, scale in zip(detections, batch["scale"].tolist()):
-            det["boxes"] = det["boxes"] / scale
+        for det, scale, (height, width) in zip(detections, batch["scale"].tolist(), batch["orig_size"]):
+            boxes = det["boxes"] / scale  # back to the original image, clipped to it (mmdet clips to the image)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            det["boxes"] = boxes
         return detections
 
 
@@ -191,10 +194,18 @@ class UperNetSegmentationHead(nn.Module):
         return main, logs
 
     @torch.no_grad()
-    def predict(self, output: dict, batch: dict) -> Tensor:
-        logits = F.interpolate(output["logits"].float(), size=batch["mask"].shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return logits.argmax(1)
+    def predict(self, output: dict, batch: dict) -> Tensor | list[Tensor]:
+        """Class per pixel of the canvas (B, H, W); with ``batch["orig_size"]`` (and ``scale``), per image at its
+        original size: the logits of its part of the canvas resized back (bilinear), then argmax (mmseg)."""
+        canvas = batch["image"].shape[-2:]
+        logits = F.interpolate(output["logits"].float(), size=canvas, mode="bilinear", align_corners=False)
+        if "orig_size" not in batch:
+            return logits.argmax(1)
+        masks = []
+        for image_logits, scale, (h, w) in zip(logits, batch["scale"].tolist(), batch["orig_size"]):
+            part = image_logits[:, :max(1, round(h * scale)), :max(1, round(w * scale))]
+            masks.append(F.interpolate(part[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0))
+        return masks
 
 
 class SumOverRanks(torch.autograd.Function):

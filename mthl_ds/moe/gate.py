@@ -105,10 +105,12 @@ class PerDatasetGate(nn.Module):
         datasets: dataset names; one router each, in this order (the rows of the MI buffer).
         top_k: K per dataset.
         capacity_factor: DeepSpeed's: each expert takes ``ceil(factor * K * S / E)`` of the S local tokens.
-        eval_capacity_factor: the same in eval mode.
+        eval_capacity_factor: the same in eval mode, with ``eval_drop_tokens``.
         min_capacity: lower bound on that capacity.
-        drop_tokens: drop routes over capacity; ``False`` sizes capacity to the busiest expert (all-reduced
-            over the expert-parallel group).
+        drop_tokens: drop routes over capacity in training; ``False`` sizes capacity to the busiest expert
+            (all-reduced over the expert-parallel group).
+        eval_drop_tokens: the same in eval mode; ``False`` (the default) keeps every route, so an image's output
+            does not depend on the rest of its batch.
         renormalize: rescale the K gate values to sum to 1 (DeepSpeed's behaviour); Eq. 2 does not.
         noise_std: std of Gaussian noise added to the logits in training (noisy top-K gating).
         router_hidden: 0 for a linear router, else the hidden width of an MLP router.
@@ -120,7 +122,7 @@ class PerDatasetGate(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, datasets: Sequence[str], top_k: Mapping[str, int],
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 drop_tokens: bool = True, renormalize: bool = False, noise_std: float = 0.0,
+                 drop_tokens: bool = True, eval_drop_tokens: bool = False, renormalize: bool = False, noise_std: float = 0.0,
                  router_hidden: int = 0, loss_coefs: Optional[Mapping[str, float]] = None,
                  mi_momentum: float = 0.98, context: Optional[RoutingContext] = None):
         super().__init__()
@@ -147,6 +149,7 @@ class PerDatasetGate(nn.Module):
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
+        self.eval_drop_tokens = eval_drop_tokens
         self.renormalize = renormalize
         self.noise_std = noise_std
         self.loss_coefs = {k: v for k, v in coefs.items() if v}
@@ -188,8 +191,9 @@ class PerDatasetGate(nn.Module):
         selectable = router.selectable()
         targets = router.choices[selectable]
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        drop = self.drop_tokens if self.training else self.eval_drop_tokens
         l_aux, capacity, positions, locations, counts = top_k_routes(
-            logits[:, selectable], k, factor, self.min_capacity, self.drop_tokens, self.ep_group)
+            logits[:, selectable], k, factor, self.min_capacity, drop, self.ep_group)
         kept = positions >= 0
         position = positions.long().clamp(min=0)
         indices = torch.where(kept, targets[position], -1).to(positions.dtype)

@@ -1,6 +1,8 @@
 """The MoE MLP: DeepSpeed's ``MoE`` with our per-dataset gate, a drop-in for timm's ``Mlp``."""
 from __future__ import annotations
 
+from mthl_ds import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
+
 from typing import Optional
 
 import torch
@@ -74,7 +76,11 @@ class MoEMlp(MoE):
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
-        outputs = self.run_experts(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
+        if self.training or moe.ep_size > 1:
+            outputs = self.run_experts(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
+        else:  # eval keeps every route: capacity is the busiest expert's count, so compute the filled slots only
+            filled = torch.bincount(indices[kept].long(), minlength=num_experts)
+            outputs = self.run_filled_slots(dispatched, filled)
         outputs = outputs.view(num_experts * capacity, -1)
         if moe.ep_size > 1:
             outputs = _AllToAll.apply(moe.ep_group, outputs)
@@ -96,6 +102,17 @@ class MoEMlp(MoE):
         hidden = mlps[0].act(BatchedLinear.apply(x, *[m.fc1.weight for m in mlps], *[m.fc1.bias for m in mlps]))
         out = BatchedLinear.apply(hidden, *[m.fc2.weight for m in mlps], *[m.fc2.bias for m in mlps])
         return out.view(local, ep, capacity, dim).transpose(0, 1).contiguous()
+
+    def run_filled_slots(self, dispatched: Tensor, filled: Tensor) -> Tensor:
+        """``[E, C, d] -> same`` on one device: each expert on its first ``filled[e]`` slots (the others are
+        empty and stay zero). In eval no route is dropped, so the capacity is the busiest expert's count and the
+        batched form would also compute the empty slots of every other expert (up to E / K times the routed
+        work when routing is skewed)."""
+        out = torch.zeros_like(dispatched)
+        for e, (mlp, count) in enumerate(zip(self.local_mlps, filled.tolist())):
+            if count:
+                out[e, :count] = mlp(dispatched[e, :count])
+        return out
 
     # ---- surgery: single device (ep_size 1), between runs; mthl_ds.surgery applies it to a whole model
     def set_mlps(self, mlps: list[nn.Module]) -> None:
