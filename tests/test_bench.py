@@ -29,3 +29,15 @@ def test_bench_suite_smoke(tmp_path):
     assert all(0 < r["mfu"] < 1 for r in rows if r["id"] == "B8")
     assert len(by_id["B7"]["max_rss"]) == 2 and all(m > 100 * 2 ** 20 for m in by_id["B7"]["max_rss"])
     assert "single_partition_of_fp32_groups" in by_id["B6"]["work"]  # ZeRO's own buffers were counted
+
+
+def test_inference_bench_prints_batch_dependence_per_dispatch_choice(capsys):
+    from mthl_ds.bench.inference import main
+    from mthl_ds.moe.layer import MoEMlp
+    filled = MoEMlp.run_filled_slots
+    main(["demo", "4", "--datasets", "imagenet", "--repeats", "1"])
+    assert MoEMlp.run_filled_slots is filled  # the default path is restored
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["drop", "filled", "batched"]
+    for line in lines[1:]:  # no route dropped: the image's output does not depend on its batch
+        assert float(line.split("in batch| ")[1].split()[0]) < 1e-5, line
