@@ -118,7 +118,7 @@ def rebuild(meta: dict, where: str) -> MTHLModel:
         recipe = recipe_from_dict(meta["built_from"], where)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    return apply(build_model(recipe, pretrained=False), meta["surgery"])
+    return apply(build_model(recipe), meta["surgery"])
 
 
 @torch.no_grad()

@@ -37,16 +37,14 @@ class MTHLModel(nn.Module):
         return self.heads[self.dataset](features)
 
 
-def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0, pretrained: bool = True) -> MTHLModel:
-    """Build the recipe's model; the same seed gives the same weights on every rank and for any ep_size.
-
-    ``pretrained``: load ``model.init_from``; False when the weights come from a checkpoint or an export.
-    """
+def build_model(recipe: Recipe, ep_size: int = 1, ep_rank: int = 0) -> MTHLModel:
+    """Build the recipe's model; the same seed gives the same weights on every rank and for any ep_size. A recipe
+    read back from a checkpoint or an export has no ``model.init_from`` (``config.recipe_from_dict`` clears it)."""
     m = recipe.model
     backbone = build_backbone(m.backbone, recipe.datasets, m.moe, top_k=recipe.top_k_per_dataset() or None,
                               img_size=m.img_size, drop_path_rate=m.drop_path_rate, ep_size=ep_size,
                               ep_rank=ep_rank, seed=recipe.train.seed,
-                              init_from=m.init_from if pretrained else None)
+                              init_from=m.init_from)
     heads = {name: build_head(d.task, backbone.stage_channels, d.num_classes, d.aux_weight, d.head_channels)
              for name, d in recipe.datasets.items()}
     if m.grad_checkpointing:
