@@ -118,6 +118,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    collective_timeout_s: float = 600.0  # a rank waiting this long on a lost or hung peer raises (engine.init_distributed)
     nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
     aes: Optional[AESConfig] = None  # adaptive K per dataset (AdaMV-MoE); None: K stays as configured
     dataset_cycle: tuple[str, ...] = ()  # these datasets in turn instead of weighted sampling (rehearsals, debugging)

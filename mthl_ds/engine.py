@@ -6,6 +6,7 @@ from mthl_ds import accelerator  # noqa: F401  (before DeepSpeed: names its acce
 import atexit
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -17,15 +18,23 @@ from mthl_ds.config import Recipe, read_ds_config
 from mthl_ds.optim import Lamb, attach_zero_layout
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group the launcher describes (deepspeed, torchrun, srun). A process started without a
     launcher is rank 0 of 1 on a free loopback port; it ignores the MASTER_* variables, so it cannot collide
-    with a port some other process left in the environment (it sets only LOCAL_RANK, which the engine needs)."""
+    with a port some other process left in the environment (it sets only LOCAL_RANK, which the engine needs).
+
+    ``timeout_s`` bounds the rendezvous and every collective of every group (``train.collective_timeout_s``): a rank
+    whose peers are gone or hung raises after it instead of waiting forever. DeepSpeed creates its ZeRO and expert
+    groups with ``new_group()`` and no timeout, for which torch takes its module default (30 min for gloo): that
+    default is set too, before any group exists."""
     if torch.distributed.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if "WORLD_SIZE" in os.environ:
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     else:
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

@@ -134,7 +134,7 @@ class Trainer:
         check_world(r, launch_world_size())
         self.sets = open_shards(r, launch_world_size())
         resume_tag = checkpoint.check_resume(self.ckpt_dir, r)
-        init_distributed()
+        init_distributed(r.train.collective_timeout_s)
         self.rank, self.world = world()
         torch.manual_seed(r.train.seed)
         model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
@@ -172,7 +172,8 @@ class Trainer:
                 "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_RESTART_COUNT")
         folder = self.run_dir / "launch"
         folder.mkdir(parents=True, exist_ok=True)
-        info = {"rank": self.rank, "world": self.world, "host": os.uname().nodename, "start_step": self.step,
+        info = {"rank": self.rank, "world": self.world, "host": os.uname().nodename, "pid": os.getpid(),
+                "start_step": self.step,
                 **{k: os.environ[k] for k in keys if k in os.environ}}
         (folder / f"rank{self.rank}.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -364,9 +365,9 @@ class Trainer:
             if self.stop.agreed():
                 if saved_at != self.step:
                     self.save()
-                bar.close()
-                if self.rank == 0:
-                    log.warning("stop requested: checkpoint saved at step %d", self.step)
+                bar.close()  # every rank says so: a multi-node job's node logs show where each node stopped
+                log.warning("rank %d on %s: stop requested, checkpoint saved at step %d", self.rank,
+                            os.uname().nodename, self.step)
                 self.stopped_early = True
                 self.record_exit()
                 return None
