@@ -32,15 +32,26 @@ CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
+def slurm_daemons():
+    """Running (not zombie) slurmd / slurmctld processes."""
+    ps = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout.split("\n")
+    return [line for line in ps if line.split()[1:] in (["slurmd"], ["slurmctld"]) and not line.startswith("Z")]
+
+
 @pytest.fixture(scope="module")
 def slurm():
+    hosts_before = open("/etc/hosts").read()
     proc = subprocess.run(["bash", str(CLUSTER), "up", "--nodes", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"the local 2-node Slurm did not start: {proc.stderr[-2000:]}"
     conf = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
     # jobs get this process's environment (sbatch --export=ALL); keep out the rendezvous of in-process tests
     yield dict(launcher_free_env(), SLURM_CONF=conf.strip())
     if "started slurmctld" in proc.stderr:  # leave a cluster that was already running as it was
-        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+        down = subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+        # `down` removes exactly what `up` made: daemons, hosts lines, its folder
+        assert down.returncode == 0, down.stderr
+        assert open("/etc/hosts").read() == hosts_before and not slurm_daemons()
+        assert not os.path.exists(os.path.dirname(conf.strip()))
 
 
 def sbatch(env, run_dir, shards, nodes, **extra_env):
