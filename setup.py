@@ -22,6 +22,7 @@ setup(
         "tensorboard>=2.16",
         "numpy>=1.26",
         "pillow>=10",
+        "scipy>=1.11",  # torchvision StanfordCars reads the devkit .mat files with it
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["mthl-ds=mthl_ds.cli:main"]},

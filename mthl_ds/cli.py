@@ -57,10 +57,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from mthl_ds.data.shards import convert
+    from mthl_ds.data.convert import convert
     index = convert(args.kind, args.out, split=args.split, shard_size=args.shard_size, workers=args.workers,
                     root=args.root, images=args.images, annotations=args.annotations, labels=args.labels,
-                    num_classes=args.num_classes, name=args.name, force=args.force)
+                    num_classes=args.num_classes, name=args.name, force=args.force, masks=args.masks,
+                    classes=args.classes, ignore_index=args.ignore_index, label_map=args.label_map, year=args.year,
+                    ap=args.ap)
     print(f"{args.out}: {index['num_samples']} samples in {len(index['shards'])} shards, "
           f"{index['skipped']} skipped")
     return 0
@@ -289,14 +291,28 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every image count")
     p.set_defaults(fn=cmd_synth)
     p = sub.add_parser("shards", help="convert a dataset split from its own layout to WebDataset shards")
-    p.add_argument("kind", choices=["imagenet", "coco", "ade20k"])
+    p.add_argument("kind", choices=["imagenet", "coco", "ade20k", "imagefolder", "pets", "cub", "cars", "places365",
+                                    "inat2018", "voc", "cityscapes", "nyu", "masks"])
     p.add_argument("--out", type=Path, required=True, help="the shard-set folder to write")
-    p.add_argument("--split", required=True, help="imagenet: train|val; coco: a name; ade20k: training|validation")
-    p.add_argument("--root", type=Path, help="imagenet: the ILSVRC root (train/, val/); ade20k: ADEChallengeData2016")
-    p.add_argument("--images", type=Path, help="coco: the images folder")
+    p.add_argument("--split", required=True, help="imagenet: train|val; coco, imagefolder, masks: a name; ade20k: "
+                   "training|validation; pets: trainval|test; cub, cars: train|test; places365, inat2018: train|val; "
+                   "voc: ImageSets/Main/<split>.txt; cityscapes: train|val|test; nyu: the images/ sub-folder")
+    p.add_argument("--root", type=Path, help="imagenet: the ILSVRC root (train/, val/); ade20k: ADEChallengeData2016; "
+                   "imagefolder: the folder of class folders; pets: oxford-iiit-pet; cub: CUB_200_2011; cars: "
+                   "stanford_cars; places365: the folder of its lists; inat2018: the folder of its JSON; voc: the "
+                   "folder holding VOCdevkit; cityscapes: the folder holding leftImg8bit and gtFine; nyu: the folder "
+                   "holding images/ and annotations/")
+    p.add_argument("--images", type=Path, help="coco, masks: the images folder")
+    p.add_argument("--masks", type=Path, help="masks: the folder of 8-bit PNG label maps (same names as the images)")
     p.add_argument("--annotations", type=Path, help="coco: instances_*.json")
     p.add_argument("--labels", type=Path, help="imagenet flat val: label file (default ROOT/LOC_val_solution.csv)")
-    p.add_argument("--num-classes", type=int, help="ade20k: label count (default: objectInfo150.csv, else 150)")
+    p.add_argument("--num-classes", type=int, help="ade20k: label count (default: objectInfo150.csv, else 150); "
+                   "masks: class count (or --classes)")
+    p.add_argument("--classes", type=Path, help="masks: class names, one per line")
+    p.add_argument("--ignore-index", type=int, default=255, help="masks: the mask value that is no class (255)")
+    p.add_argument("--label-map", type=Path, help='masks: JSON {"stored value": class id}; others become ignored')
+    p.add_argument("--year", default="2007", help="voc: the VOC<year> folder under VOCdevkit (2007)")
+    p.add_argument("--ap", choices=["11point", "area"], help="voc: AP method (default: 11point for 2007, else area)")
     p.add_argument("--name", help="dataset name recorded in the index")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")

@@ -22,7 +22,7 @@ from mthl_ds.engine import free_port
 
 def prepare_data(out: Path, seed: int = 0) -> Path:
     """Write the world and its shards once; a later demo in the same folder reuses them."""
-    from mthl_ds.data.shards import convert_world
+    from mthl_ds.data.convert import convert_world
     from mthl_ds.data.synth import write_world
     shards = out / "shards"
     if (shards / ".complete").is_file():

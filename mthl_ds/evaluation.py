@@ -129,7 +129,74 @@ def coco_map(ground_truth: dict, detections: list[dict]) -> dict:
     return {"mAP": 100 * float(stats[0]), "AP50": 100 * float(stats[1]), "AP75": 100 * float(stats[2])}
 
 
+def voc_ap(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
+    """VOC's AP of one class from its precision/recall curve: ``11point`` (VOC2007: the mean over recall
+    thresholds 0, 0.1, ..., 1 of the best precision at that recall or above) or ``area`` (VOC2010 on: the area
+    under the curve made monotone)."""
+    if method == "11point":
+        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                              for t in np.linspace(0, 1, 11)]))
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    changes = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
+
+
+def voc_map(ground_truth: dict, detections: list[dict], method: str, iou_threshold: float = 0.5) -> dict:
+    """PASCAL VOC mAP at IoU 0.5, as the VOC devkit: per class, detections by descending score; one matches the
+    unmatched ground-truth box of its image it overlaps most (IoU >= 0.5) or is a false positive; a detection on
+    a ``difficult`` box (``iscrowd`` in ``ground_truth``, as the VOC converter writes it) counts as neither, and
+    difficult boxes are not positives. Classes without a positive are left out of the mean (as mmdet's
+    eval_map). Boxes are continuous xywh: IoU without the devkit's +1 on integer pixel boxes (the converter
+    already turned VOC's inclusive pixel boxes into spans)."""
+    def xyxy(b):
+        return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], dtype=np.float64)
+
+    aps = {}
+    for category in ground_truth["categories"]:
+        cid = category["id"]
+        truth: dict[int, list] = {}
+        for ann in ground_truth["annotations"]:
+            if ann["category_id"] == cid:
+                truth.setdefault(ann["image_id"], []).append((xyxy(ann["bbox"]), bool(ann["iscrowd"])))
+        positives = sum(not hard for boxes in truth.values() for _, hard in boxes)
+        if positives == 0:
+            continue
+        matched = {image: np.zeros(len(boxes), bool) for image, boxes in truth.items()}
+        dets = sorted((d for d in detections if d["category_id"] == cid), key=lambda d: -d["score"])
+        tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
+        for i, det in enumerate(dets):
+            boxes = truth.get(det["image_id"], [])
+            if not boxes:
+                fp[i] = 1
+                continue
+            d = xyxy(det["bbox"])
+            g = np.stack([b for b, _ in boxes])
+            inter = (np.clip(np.minimum(g[:, 2], d[2]) - np.maximum(g[:, 0], d[0]), 0, None)
+                     * np.clip(np.minimum(g[:, 3], d[3]) - np.maximum(g[:, 1], d[1]), 0, None))
+            union = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) + (d[2] - d[0]) * (d[3] - d[1]) - inter
+            iou = inter / np.maximum(union, 1e-12)
+            j = int(iou.argmax())
+            if iou[j] < iou_threshold:
+                fp[i] = 1
+            elif boxes[j][1]:
+                continue  # on a difficult box: ignored
+            elif not matched[det["image_id"]][j]:
+                tp[i], matched[det["image_id"]][j] = 1, True
+            else:
+                fp[i] = 1  # a second detection of a matched box
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        recall = tp / positives
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        aps[category["name"]] = 100 * voc_ap(recall, precision, method)
+    value = float(np.mean(list(aps.values()))) if aps else 0.0
+    return {"mAP": value, "AP50": value, "ap_method": f"voc_{method}", "per_class_ap": aps}
+
+
 class DetectionEvaluator:
+    """COCO's bbox mAP (pycocotools), or VOC's mAP at IoU 0.5 for a shard set the VOC converter wrote
+    (``index.json`` ``"metric": "voc"``, ``"voc_ap"``: the AP method)."""
     metric = "mAP"
 
     def __init__(self, shard_set: ShardSet, ground_truth: Optional[dict] = None):
@@ -151,6 +218,8 @@ class DetectionEvaluator:
         detections = [d for part in gather(self.detections) for d in part]
         detections.sort(key=lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"]))
         truth = self.ground_truth if self.ground_truth is not None else coco_ground_truth(self.shard_set)
+        if self.shard_set is not None and self.shard_set.index.get("metric") == "voc":
+            return {**voc_map(truth, detections, self.shard_set.index["voc_ap"]), "detections": len(detections)}
         return {**coco_map(truth, detections), "detections": len(detections)}
 
 

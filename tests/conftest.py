@@ -39,7 +39,7 @@ def train_cli(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: int
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The synthetic world at a quarter of the demo's size, converted with the real converters."""
-    from mthl_ds.data.shards import convert_world
+    from mthl_ds.data.convert import convert_world
     from mthl_ds.data.synth import write_world
     root = tmp_path_factory.mktemp("synthetic")
     convert_world(write_world(root / "raw", seed=1, scale=0.25), root / "shards", shard_size=8,

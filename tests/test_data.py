@@ -16,7 +16,8 @@ from PIL import Image
 from mthl_ds.data.pipelines import (IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, make_decoder)
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
-from mthl_ds.data.shards import ShardError, convert, convert_world
+from mthl_ds.data.convert import convert, convert_world
+from mthl_ds.data.shards import ShardError
 from mthl_ds.data.synth import write_world
 
 
@@ -234,7 +235,8 @@ def test_bad_masks_are_skipped_and_named(tmp_path, caplog):
         index = convert("ade20k", tmp_path / "out", split="training", root=tmp_path / "ade", shard_size=2)
     assert index["num_samples"] == 2 and index["skipped"] == 2
     assert "ADE_1.png: mask does not decode" in caplog.text
-    assert "ADE_2.png: mask label 200 is above num_classes=150" in caplog.text
+    assert "ADE_2.png: mask label 200 is neither a class (values 1-150 for num_classes=150, 0 unlabelled) nor " \
+        "the ignore value 255" in caplog.text
 
 
 def test_bad_boxes_are_dropped_and_counted(tmp_path, caplog):

@@ -20,6 +20,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
+from mthl_ds.data.shards import MaskLabels
 from mthl_ds.models.geometry import padded
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -152,10 +153,14 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     return decode
 
 
-def reduce_zero_label(mask: np.ndarray) -> torch.Tensor:
-    """ADE20K: 0 is unlabeled -> ignore; class k -> k - 1."""
-    out = mask.astype(np.int64) - 1
-    out[mask == 0] = IGNORE_INDEX
+def mask_classes(mask: np.ndarray, labels: MaskLabels) -> torch.Tensor:
+    """Stored mask values -> class ids, IGNORE_INDEX where no class (the shard set's :class:`MaskLabels`)."""
+    out = mask.astype(np.int64)
+    ignored = mask == labels.ignore_index
+    if labels.reduce_zero_label:  # ADE20K: 0 is unlabelled, class k is stored as k + 1
+        ignored |= mask == 0
+        out -= 1
+    out[ignored] = IGNORE_INDEX
     return torch.from_numpy(out)
 
 
@@ -185,11 +190,12 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
             original = mask_img
             image, scale = preprocess(img)
             mask_img = mask_img.resize((round(img.width * scale) or 1, round(img.height * scale) or 1), Image.NEAREST)
-        mask = reduce_zero_label(np.asarray(mask_img))
+        labels = MaskLabels.of(json.loads(sample["json"]))
+        mask = mask_classes(np.asarray(mask_img), labels)
         mask = F.pad(mask, (0, crop_w - mask.shape[1], 0, crop_h - mask.shape[0]), value=IGNORE_INDEX)
         item = {"image": image, "mask": mask}
         if not train and cfg.original:
-            item.update(mask_original=reduce_zero_label(np.asarray(original)), scale=scale,
+            item.update(mask_original=mask_classes(np.asarray(original), labels), scale=scale,
                         orig_size=(original.height, original.width))
         return item
     return decode

@@ -1,13 +1,15 @@
-"""Converters from ImageNet / COCO / ADE20K on-disk layouts to WebDataset shards.
+"""WebDataset shard sets: the writer and its checks, and the ImageNet / COCO / ADE20K layouts (the downstream
+layouts are in ``downstream.py``; ``convert.py`` dispatches to both).
 
 One shard set = one folder holding ``000000.tar, 000001.tar, ...`` and ``index.json`` (task, sample
-count, classes, shard names, per-shard sample counts and SHA-256). Image bytes are stored unchanged.
+count, classes, shard names, per-shard sample counts and SHA-256). Image bytes are stored unchanged
+(a mask is rewritten only when its values are mapped, e.g. Cityscapes label ids to train ids).
 Tars are written with fixed metadata (mtime 0, uid/gid 0, sorted members), so identical input gives
 byte-identical output whatever the number of workers. The schema of each task is in data_shards/README.md.
 
 Bad input is checked here, once: an image that does not decode, a mask that does not decode or holds
-labels above the class count, and boxes of zero size or outside the image are skipped, counted in
-``index.json["skipped"]`` and reported naming the file.
+a label that is neither a class nor the ignore value (:class:`MaskLabels`), and boxes of zero size or
+outside the image are skipped, counted in ``index.json["skipped"]`` and reported naming the file.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Sample:
     image: Path
     meta: dict = field(default_factory=dict)
     mask: Optional[Path] = None
+    mask_lut: Optional[np.ndarray] = None  # segmentation: source mask value -> stored value (256 entries)
 
 
 def image_ext(data: bytes) -> str:
@@ -57,15 +60,51 @@ def check_image(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def check_mask(data: bytes, num_classes: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class MaskLabels:
+    """How a segmentation set's mask values name classes. ``reduce_zero_label`` (ADE20K): 0 is unlabelled and
+    value k is class k - 1; otherwise value k is class k (VOC, Cityscapes train ids). ``ignore_index`` is a value
+    that is no class, ignored in the loss and the metrics (255 in VOC and Cityscapes). Each sample's json
+    carries it, so a shard set describes itself; a sample without it is ADE20K's (shards written before)."""
+    reduce_zero_label: bool = False
+    ignore_index: int = 255
+
+    def meta(self) -> dict:
+        return {"reduce_zero_label": self.reduce_zero_label, "ignore_index": self.ignore_index}
+
+    @classmethod
+    def of(cls, meta: dict) -> "MaskLabels":
+        return cls(meta.get("reduce_zero_label", True), meta.get("ignore_index", 255))
+
+
+ADE20K_LABELS = MaskLabels(reduce_zero_label=True)
+
+
+def check_mask(data: bytes, num_classes: int, labels: MaskLabels = ADE20K_LABELS) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         if img.mode not in ("L", "P"):
             raise ShardError(f"mask mode {img.mode} is not an 8-bit label map")
-        top = int(np.asarray(img).max())
-    if top > num_classes:
-        raise ShardError(f"mask label {top} is above num_classes={num_classes}")
+        values = np.unique(np.asarray(img))
+    first = 1 if labels.reduce_zero_label else 0
+    allowed = set(range(first, first + num_classes)) | {labels.ignore_index} | ({0} if first else set())
+    bad = sorted({int(v) for v in values} - allowed)
+    if bad:
+        unlabelled = ", 0 unlabelled" if first else ""
+        raise ShardError(f"mask label {bad[0]} is neither a class (values {first}-{first + num_classes - 1} for "
+                         f"num_classes={num_classes}{unlabelled}) nor the ignore value {labels.ignore_index}")
     return img.size
+
+
+def remap_mask(data: bytes, lut: np.ndarray) -> bytes:
+    """A mask's values through a 256-entry table (e.g. Cityscapes label ids -> train ids), as an 8-bit PNG."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode not in ("L", "P"):
+            raise ShardError(f"mask mode {img.mode} is not an 8-bit label map")
+        out = io.BytesIO()
+        Image.fromarray(lut[np.asarray(img)].astype(np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue()
 
 
 def tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -90,9 +129,12 @@ def encode_sample(task: str, sample: Sample, num_classes: int) -> dict[str, byte
     elif task == "detection":
         meta.update(width=width, height=height)
     elif task == "segmentation":
+        labels = MaskLabels.of(meta)
         try:
             mask = sample.mask.read_bytes()
-            if check_mask(mask, num_classes) != (width, height):
+            if sample.mask_lut is not None:
+                mask = remap_mask(mask, sample.mask_lut)
+            if check_mask(mask, num_classes, labels) != (width, height):
                 raise ShardError(f"mask size differs from image size {width}x{height}")
         except ShardError as e:
             raise ShardError(f"{sample.mask}: {e}") from None
@@ -316,48 +358,5 @@ def ade20k_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
         mask = masks / f"{f.stem}.png"
         if not mask.is_file():
             raise ShardError(f"{f}: its mask {mask} is missing")
-        samples.append(Sample(safe_key(f.stem), f, {"file": f.name}, mask=mask))
+        samples.append(Sample(safe_key(f.stem), f, {"file": f.name, **ADE20K_LABELS.meta()}, mask=mask))
     return samples, ade20k_classes(root)
-
-
-def convert(dataset_kind: str, out: Path, *, split: str, shard_size: int = 256, workers: int = 1,
-            root: Optional[Path] = None, images: Optional[Path] = None, annotations: Optional[Path] = None,
-            labels: Optional[Path] = None, num_classes: Optional[int] = None, name: Optional[str] = None,
-            force: bool = False) -> dict:
-    """Convert one split of a dataset in its own layout to a shard set in ``out``."""
-    if dataset_kind == "imagenet":
-        samples, classes = imagenet_samples(root, split, labels)
-        return write_shard_set("classification", samples, out, shard_size, workers, classes=classes,
-                               dataset=name or "imagenet", split=split, num_classes=len(classes), force=force,
-                               extra={"class_names": imagenet_class_names(root, classes)})
-    if dataset_kind == "coco":
-        samples, categories, dropped = coco_samples(images, annotations)
-        return write_shard_set("detection", samples, out, shard_size, workers, classes=categories,
-                               dataset=name or "coco", split=split, num_classes=len(categories),
-                               extra={"dropped_boxes": dropped["bad_box"]}, force=force)
-    if dataset_kind == "ade20k":
-        samples, classes = ade20k_samples(root, split)
-        n = num_classes or len(classes)
-        return write_shard_set("segmentation", samples, out, shard_size, workers, classes=classes[:n],
-                               dataset=name or "ade20k", split=split, num_classes=n, force=force)
-    raise ShardError(f"unknown dataset kind {dataset_kind!r}; choose imagenet, coco or ade20k")
-
-
-def convert_world(roots: dict[str, Path], out: Path, shard_size: int = 64, workers: int = 1,
-                  progress: Callable[[str], None] = print, force: bool = False) -> dict[str, Path]:
-    """Convert every dataset of the synthetic world (train and val) with the same converters as real data."""
-    sets = {}
-    for name, kind in (("imagenet", "imagenet"), ("coco", "coco"), ("ade20k", "ade20k"), ("pets", "imagenet"),
-                       ("streets", "ade20k")):
-        for split in ("train", "val"):
-            dest = out / name / split
-            if kind == "coco":
-                convert("coco", dest, split=split, images=roots[name] / f"{split}2017",
-                        annotations=roots[name] / "annotations" / f"instances_{split}2017.json",
-                        shard_size=shard_size, workers=workers, name=name, force=force)
-            else:
-                convert(kind, dest, split=split, root=roots[name], shard_size=shard_size, workers=workers,
-                        name=name, force=force)
-            progress(f"shards: {dest}")
-        sets[name] = out / name
-    return sets

@@ -314,7 +314,7 @@ def write_real_size_world(out: Path, seed: int = 0, train: int = 4, val: int = 2
 def write_real_size_shards(out: Path, ranks: int) -> Path:
     """``write_real_size_world`` in ``out/world`` for ``ranks`` ranks and its shards in ``out/shards``, one sample per
     shard, so every rank's reader gets two training shards (``mthl-ds rehearse``, ``bench data --real-size``)."""
-    from mthl_ds.data.shards import convert
+    from mthl_ds.data.convert import convert
     shards = out / "shards"
     if (shards / ".complete").is_file():
         return shards
