@@ -36,6 +36,19 @@ class NewDataset:
                 "head_channels": self.head_channels}
 
 
+def source_size(model: Path, shards: Path) -> tuple[int, int]:
+    """The input size the model was trained at for the task of ``shards`` (e.g. a detection set adapts at the
+    canvas of the model's detection dataset), from the export's recipe."""
+    from mthl_ds.data.reader import ShardSet
+    task = ShardSet.open(Path(shards) / "train").index["task"]
+    trained = read_metadata(Path(model))["built_from"]["datasets"]
+    for name, d in trained.items():
+        if d["task"] == task:
+            return tuple(d["size"])
+    raise ConfigError(f"{model} was trained on no {task} dataset ({', '.join(trained)}): give --size H W for "
+                      f"{shards}")
+
+
 def phase_recipe(source: Path, data: NewDataset, adapt: dict, top_k: Optional[int], train: dict,
                  usage: Optional[Path] = None, keep_datasets: bool = False) -> dict:
     meta = read_metadata(source)

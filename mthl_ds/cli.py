@@ -194,8 +194,9 @@ def cmd_stats(args) -> int:
 
 
 def new_dataset(args, name: str, folder: Path):
-    from mthl_ds.adapt import NewDataset
-    return NewDataset(name, folder, tuple(args.size), args.batch_size, args.head_channels)
+    from mthl_ds.adapt import NewDataset, source_size
+    size = tuple(args.size) if args.size else source_size(args.model, folder)
+    return NewDataset(name, folder, size, args.batch_size, args.head_channels)
 
 
 def train_settings(args) -> dict:
@@ -242,7 +243,8 @@ def add_adapt_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps per phase")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="input size")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the size the model was trained at for the same task)")
     p.add_argument("--head-channels", type=int, default=0, help="detection/segmentation head width (0: mmdet/mmseg's)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0)

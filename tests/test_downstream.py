@@ -13,7 +13,7 @@ from mthl_ds.data.convert import convert
 from mthl_ds.data.pipelines import IGNORE_INDEX, PipelineConfig, make_decoder
 from mthl_ds.data.reader import ShardSet, read_shard
 from mthl_ds.data.shards import ShardError
-from mthl_ds.data.synth import classification_image, detection_image, scene
+from mthl_ds.data.synth import PETS_CLASSES, classification_image, write_cityscapes, write_oxford_pets, write_voc
 from mthl_ds.evaluation import SegmentationEvaluator, voc_ap, voc_map
 
 
@@ -37,36 +37,18 @@ def same_output_for_any_worker_count(tmp_path, kind, **kw):
 
 # ------------------------------------------------------------------------------------------- classification
 
-PET_BREEDS = ["Abyssinian", "american_bulldog", "Bengal"]  # cats are capitalised in the distribution, dogs not
-
-
-def write_pets(root, per_split=2):
-    """Oxford-IIIT Pet: images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt ('<id> <class> <species> <breed>')."""
-    (root / "images").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    n = 0
-    for split in ("trainval", "test"):
-        lines = []
-        for c, breed in enumerate(PET_BREEDS):
-            for _ in range(per_split):
-                n += 1
-                classification_image(rng(n), "disc", "red").save(root / "images" / f"{breed}_{n}.jpg")
-                lines.append(f"{breed}_{n} {c + 1} {1 if breed[0].isupper() else 2} {c + 1}")
-        (root / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
-
-
 def test_pets_layout_through_torchvision(tmp_path, caplog):
     root = tmp_path / "oxford-iiit-pet"
-    write_pets(root)
-    (root / "images" / "Bengal_6.jpg").unlink()  # listed in trainval.txt, not on disk
+    write_oxford_pets(root, PETS_CLASSES[:3], seed=0, train_per_class=2, test_per_class=2)
+    (root / "images" / "Magenta_bar_6.jpg").unlink()  # listed in trainval.txt, not on disk
     with caplog.at_level(logging.WARNING):
         index = same_output_for_any_worker_count(tmp_path, "pets", root=root, split="trainval")
-    assert "Bengal_6.jpg is missing" in caplog.text
-    assert index["classes"] == ["Abyssinian", "American Bulldog", "Bengal"] and index["missing_samples"] == 1
+    assert "Magenta_bar_6.jpg is missing" in caplog.text and index["missing_samples"] == 1
+    assert index["classes"] == ["Orange Star", "Cyan Diamond", "Magenta Bar"]  # as torchvision names the breeds
     samples = samples_of(tmp_path / "w1")
-    assert sorted(samples) == ["Abyssinian_1", "Abyssinian_2", "Bengal_5", "american_bulldog_3",
-                               "american_bulldog_4"]
-    assert samples["Bengal_5"]["cls"] == b"2" and samples["american_bulldog_3"]["cls"] == b"1"
+    assert sorted(samples) == ["Magenta_bar_5", "Orange_star_1", "Orange_star_2", "cyan_diamond_3",
+                               "cyan_diamond_4"]
+    assert samples["Magenta_bar_5"]["cls"] == b"2" and samples["cyan_diamond_3"]["cls"] == b"1"
     assert convert("pets", tmp_path / "test", root=root, split="test")["num_samples"] == 6
 
 
@@ -192,47 +174,32 @@ def voc_xml(name, width, height, objects):
             f"<depth>3</depth></size>{body}</annotation>")
 
 
-def write_voc(root, count=6, year="2007"):
-    """VOCdevkit/VOC2007: JPEGImages/<id>.jpg, Annotations/<id>.xml (1-based inclusive pixel boxes, difficult),
-    ImageSets/Main/{train,val}.txt. The shapes of the synthetic world, named as three VOC classes."""
-    voc = root / "VOCdevkit" / f"VOC{year}"
-    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (voc / d).mkdir(parents=True, exist_ok=True)
-    names = {1: "cat", 3: "dog", 7: "car"}  # the world's COCO ids
-    ids = []
-    for i in range(count):
-        image_id = f"{i:06d}"
-        img, objects = detection_image(rng(300 + i))
-        img.save(voc / "JPEGImages" / f"{image_id}.jpg")
-        boxes = [(names[c], [int(x) + 1, int(y) + 1, int(x + w), int(y + h)], int(k == 1 and i % 2 == 0))
-                 for k, (c, (x, y, w, h)) in enumerate(objects)]
-        (voc / "Annotations" / f"{image_id}.xml").write_text(voc_xml(image_id, img.width, img.height, boxes))
-        ids.append(image_id)
-    (voc / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids[: count - 2]) + "\n")
-    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids[count - 2:]) + "\n")
-    return voc
-
-
 def test_voc_layout_boxes_difficult_and_bad_input(tmp_path, caplog):
-    voc = write_voc(tmp_path / "voc", count=5)
-    (voc / "Annotations" / "000000.xml").write_text(voc_xml("000000", 128, 96, [
-        ("cat", [1, 1, 10, 20], 0), ("bicycle", [5, 5, 50, 40], 1), ("unicorn", [2, 2, 9, 9], 0),
-        ("dog", [100, 10, 140, 30], 0)]))  # unknown class, then a box past the 128-pixel width
-    (voc / "ImageSets" / "Main" / "train.txt").write_text("000000\n000001\n000002\n000099\n")  # 000099: no files
+    write_voc(tmp_path / "voc", seed=0, trainval=4, test=2)
+    voc = tmp_path / "voc" / "VOCdevkit" / "VOC2007"
+    convert("voc", tmp_path / "as-written", root=tmp_path / "voc", split="trainval")
+    natural = [json.loads(m["json"]) for m in samples_of(tmp_path / "as-written").values()]
+    assert any(1 in m["difficult"] for m in natural)  # the world's small boxes are flagged difficult
+    (voc / "Annotations" / "000001.xml").write_text(voc_xml("000001", 128, 96, [
+        ("aeroplane", [1, 1, 10, 20], 0), ("bicycle", [5, 5, 50, 40], 1), ("unicorn", [2, 2, 9, 9], 0),
+        ("car", [100, 10, 140, 30], 0)]))  # an unknown class, then a box past the 128-pixel width
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000002\n000003\n000099\n")  # 000099: no files
     with caplog.at_level(logging.WARNING):
-        index = same_output_for_any_worker_count(tmp_path, "voc", root=tmp_path / "voc", split="train")
+        index = same_output_for_any_worker_count(tmp_path, "voc", root=tmp_path / "voc", split="trainval")
     assert "unknown class 'unicorn'" in caplog.text and "000099.jpg is missing" in caplog.text
     assert "outside the 128x96 image" in caplog.text
     assert index["metric"] == "voc" and index["voc_ap"] == "11point" and index["num_classes"] == 20
     assert index["dropped_boxes"] == 2 and index["missing_samples"] == 1 and index["num_samples"] == 3
-    meta = json.loads(samples_of(tmp_path / "w1")["000000"]["json"])
+    members = samples_of(tmp_path / "w1")["000001"]
+    meta = json.loads(members["json"])
     assert meta["boxes"] == [[0.0, 0.0, 10.0, 20.0], [4.0, 4.0, 46.0, 36.0]]  # [xmin - 1, ymin - 1, w, h]
-    assert meta["labels"] == [7, 1] and meta["category_ids"] == [8, 2]
+    assert meta["labels"] == [0, 1] and meta["category_ids"] == [1, 2]
     assert meta["difficult"] == [0, 1] and meta["iscrowd"] == [0, 1]
-    # training drops the difficult box; evaluation keeps it, flagged
-    item = make_decoder(PipelineConfig("detection", (128, 128)), train=False)(
-        {"__key__": "000000", **samples_of(tmp_path / "w1")["000000"]}, None)
-    assert item["labels"].tolist() == [7, 1]
+    # evaluation keeps the difficult box (flagged); training drops it
+    for train, labels in ((False, [0, 1]), (True, [0])):
+        item = make_decoder(PipelineConfig("detection", (128, 128)), train=train)(
+            {"__key__": "000001", **members}, np.random.default_rng(0))
+        assert item["labels"].tolist() == labels
     with pytest.raises(ShardError, match="Dataset not found"):
         convert("voc", tmp_path / "none", root=tmp_path / "voc", year="2012", split="train")
 
@@ -271,31 +238,19 @@ def test_voc_map_matching_difficult_duplicates_and_classes():
 
 # --------------------------------------------------------------------------------------------- segmentation
 
-# Cityscapes label ids -> train ids (torchvision's table): 0 unlabeled, 1 ego vehicle -> 255; 7 road -> 0;
-# 11 building -> 2; 26 car -> 13; 29 caravan (not evaluated) -> 255
-CITY_IDS = {0: 255, 1: 255, 7: 0, 11: 2, 26: 13, 29: 255}
-
-
-def write_cityscapes(root, split="train", count=3):
-    """leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png, gtFine/.../*_gtFine_labelIds.png."""
-    for i in range(count):
-        city = ["aachen", "bremen"][i % 2]
-        stem = f"{city}_{i:06d}_000019"
-        img, mask = scene(rng(400 + i), [("sky", (90, 140, 220)), ("road", (80, 80, 80)), ("lamp", (250, 240, 160))],
-                          "streets")
-        ids = np.array([0, 11, 7, 26], dtype=np.uint8)[mask]  # seam: unlabeled; sky: building; road; lamp: car
-        ids[:2, :] = 1  # the ego vehicle's bonnet row
-        ids[-2:, -4:] = 29
-        for folder, suffix, array in (("leftImg8bit", "leftImg8bit", img), ("gtFine", "gtFine_labelIds", ids)):
-            path = root / folder / split / city / f"{stem}_{suffix}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
-        (root / "gtFine" / split / city / f"{stem}_gtFine_color.png").write_bytes(b"not read")
+# Cityscapes label ids -> train ids (torchvision's table): 0 unlabeled, 1 ego vehicle, 29 caravan (not evaluated)
+# -> 255; 7 road -> 0; 19 traffic light -> 6; 23 sky -> 10
+CITY_IDS = {0: 255, 1: 255, 7: 0, 19: 6, 23: 10, 29: 255}
 
 
 def test_cityscapes_label_ids_become_train_ids_with_ignore(tmp_path, caplog):
     root = tmp_path / "cityscapes"
-    write_cityscapes(root)
+    write_cityscapes(root, seed=0, train=3, val=1)
+    for path in (root / "gtFine" / "train").rglob("*_labelIds.png"):  # the ego vehicle's bonnet, a caravan
+        ids = np.array(Image.open(path))
+        ids[-2:, :], ids[:3, :4] = 1, 29
+        Image.fromarray(ids).save(path)
+        path.with_name(path.name.replace("labelIds", "color")).write_bytes(b"not read")
     index = same_output_for_any_worker_count(tmp_path, "cityscapes", root=root, split="train")
     assert index["num_classes"] == 19 and index["classes"][:3] == ["road", "sidewalk", "building"]
     assert index["ignore_index"] == 255 and index["num_samples"] == 3 and index["skipped"] == 0
@@ -308,7 +263,7 @@ def test_cityscapes_label_ids_become_train_ids_with_ignore(tmp_path, caplog):
         h, w = source.shape
         item = make_decoder(PipelineConfig("segmentation", (h, w)), train=False)({"__key__": key, **members}, None)
         assert torch.equal(item["mask"], torch.from_numpy(expected.astype(np.int64)))  # 255 stays IGNORE_INDEX
-        assert (item["mask"] == IGNORE_INDEX).any() and set(item["mask"].unique().tolist()) <= {0, 2, 13, 255}
+        assert set(item["mask"].unique().tolist()) == {0, 6, 10, IGNORE_INDEX}
     # a mask of the wrong size is skipped, named
     bad = next((root / "gtFine" / "train" / "aachen").glob("*_labelIds.png"))
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad)
@@ -389,14 +344,13 @@ def test_ignored_pixels_count_in_neither_loss_nor_metric():
 @pytest.fixture(scope="module")
 def downstream_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
-    write_pets(root / "raw" / "oxford-iiit-pet", per_split=3)
-    write_voc(root / "raw" / "voc", count=8)
-    write_cityscapes(root / "raw" / "cityscapes", "train", 4)
-    write_cityscapes(root / "raw" / "cityscapes", "val", 2)
+    write_oxford_pets(root / "raw" / "oxford-iiit-pet", PETS_CLASSES, 0, 3, 2)
+    write_voc(root / "raw" / "voc", 0, trainval=6, test=3)
+    write_cityscapes(root / "raw" / "cityscapes", 0, train=4, val=2)
     sets = root / "shards"
-    for split, pet_split in (("train", "trainval"), ("val", "test")):
-        convert("pets", sets / "pets" / split, root=root / "raw" / "oxford-iiit-pet", split=pet_split)
-        convert("voc", sets / "voc" / split, root=root / "raw" / "voc", split=split)
+    for split, layout_split in (("train", "trainval"), ("val", "test")):
+        convert("pets", sets / "pets" / split, root=root / "raw" / "oxford-iiit-pet", split=layout_split)
+        convert("voc", sets / "voc" / split, root=root / "raw" / "voc", split=layout_split)
         convert("cityscapes", sets / "cityscapes" / split, root=root / "raw" / "cityscapes", split=split)
     return sets
 

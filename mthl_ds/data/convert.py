@@ -91,16 +91,18 @@ def convert_world(roots: dict[str, Path], out: Path, shard_size: int = 64, worke
                   progress: Callable[[str], None] = print, force: bool = False) -> dict[str, Path]:
     """Convert every dataset of the synthetic world (train and val) with the same converters as real data."""
     sets = {}
-    for name, kind in (("imagenet", "imagenet"), ("coco", "coco"), ("ade20k", "ade20k"), ("pets", "imagenet"),
-                       ("streets", "ade20k")):
-        for split in ("train", "val"):
+    # (name, kind, the layout's own split names for train and val)
+    for name, kind, splits in (("imagenet", "imagenet", ("train", "val")), ("coco", "coco", ("train", "val")),
+                               ("ade20k", "ade20k", ("train", "val")), ("pets", "pets", ("trainval", "test")),
+                               ("streets", "cityscapes", ("train", "val")), ("voc", "voc", ("trainval", "test"))):
+        for split, source_split in zip(("train", "val"), splits):
             dest = out / name / split
             if kind == "coco":
                 convert("coco", dest, split=split, images=roots[name] / f"{split}2017",
                         annotations=roots[name] / "annotations" / f"instances_{split}2017.json",
                         shard_size=shard_size, workers=workers, name=name, force=force)
             else:
-                convert(kind, dest, split=split, root=roots[name], shard_size=shard_size, workers=workers,
+                convert(kind, dest, split=source_split, root=roots[name], shard_size=shard_size, workers=workers,
                         name=name, force=force)
             progress(f"shards: {dest}")
         sets[name] = out / name

@@ -5,8 +5,10 @@
 - ``coco/``: ``train2017/``, ``val2017/`` JPEGs and ``annotations/instances_{train,val}2017.json``.
 - ``ADEChallengeData2016/``: ``images/{training,validation}/*.jpg`` and 8-bit PNG masks in
   ``annotations/{training,validation}/*.png`` (0 = unlabeled, 1..N = classes).
-- Downstream datasets for adaptation: ``pets/`` (new classes, ImageNet layout) and
-  ``streets/ADEChallengeData2016/`` (a new scene style, ADE20K layout).
+- Downstream datasets for adaptation, in the layouts of the paper's downstream sets: ``pets/oxford-iiit-pet/``
+  (new classes, the Oxford-IIIT Pet layout), ``streets/cityscapes/`` (a new scene style, the Cityscapes layout:
+  label ids, mapped to the 19 train ids by the converter) and ``voc/VOCdevkit/VOC2007/`` (new objects, the
+  PASCAL VOC layout, small boxes flagged ``difficult``).
 
 Every image is drawn from a generator keyed on (seed, dataset, split, index), so the world is identical for
 identical arguments, whatever the order of generation.
@@ -119,13 +121,13 @@ def write_classification(root: Path, classes, seed: int, name: str, train_per_cl
         "".join(f"{w} {s} {c}\n" for w, (s, c) in zip(wnids, classes)))
 
 
-def detection_image(rng: np.random.Generator):
+def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES):
     h, w = (int(v) for v in rng.choice([(96, 128), (128, 96), (112, 112)]))
     img = Image.fromarray(noisy_background(rng, h, w))
     draw = ImageDraw.Draw(img)
     objects = []
     for _ in range(int(rng.integers(1, 4))):
-        cat_id, shape, color = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+        cat_id, shape, color = categories[int(rng.integers(len(categories)))]
         side = int(rng.integers(22, 48))
         x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
         draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), PALETTE[color])
@@ -194,19 +196,89 @@ def write_segmentation(root: Path, classes, style: str, seed: int, name: str, tr
         "Idx,Name\n" + "".join(f"{i + 1},{n}\n" for i, (n, _) in enumerate(classes)))
 
 
+def write_oxford_pets(root: Path, classes, seed: int, train_per_class: int, test_per_class: int) -> None:
+    """Oxford-IIIT Pet layout: images/<Breed>_<n>.jpg and annotations/{trainval,test}.txt ('<image> <class 1..C>
+    <species 1 cat, 2 dog> <breed id>'). As in the distribution, cat breeds are capitalised, dog breeds not."""
+    names = [f"{color}_{shape}".capitalize() if c % 2 == 0 else f"{color}_{shape}"
+             for c, (shape, color) in enumerate(classes)]
+    n = 0
+    for split, per_class in (("trainval", train_per_class), ("test", test_per_class)):
+        lines = []
+        for c, (name, (shape, color)) in enumerate(zip(names, classes)):
+            for i in range(per_class):
+                n += 1
+                save_jpeg(classification_image(rng_for(seed, "pets", split, c, i), shape, color),
+                          root / "images" / f"{name}_{n}.jpg")
+                lines.append(f"{name}_{n} {c + 1} {1 + c % 2} {c // 2 + 1}")
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+# Cityscapes label ids for the streets scene's values (0 seam, 1 sky, 2 road, 3 lamp): unlabeled, sky, road,
+# traffic light; the converter maps them to train ids 255, 10, 0, 6
+CITYSCAPES_IDS = np.array([0, 23, 7, 19], dtype=np.uint8)
+
+
+def write_cityscapes(root: Path, seed: int, train: int, val: int) -> None:
+    """Cityscapes layout: leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and
+    gtFine/<split>/<city>/..._gtFine_labelIds.png (label ids, not train ids)."""
+    for split, count, cities in (("train", train, ("aachen", "bochum")), ("val", val, ("frankfurt",))):
+        for i in range(count):
+            img, mask = scene(rng_for(seed, "streets", split, i), STREETS_CLASSES, "streets")
+            city = cities[i % len(cities)]
+            stem = f"{city}_{i:06d}_000019"
+            for folder, suffix, array in (("leftImg8bit", "leftImg8bit", img),
+                                          ("gtFine", "gtFine_labelIds", CITYSCAPES_IDS[mask])):
+                path = root / folder / split / city / f"{stem}_{suffix}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path, format="PNG")
+
+
+VOC_OBJECTS = [("aeroplane", "star", "yellow"), ("car", "cross", "white"), ("person", "ring", "magenta")]
+VOC_DIFFICULT_SIDE = 26  # boxes smaller than this are flagged difficult, as VOC flags hard-to-see objects
+
+
+def write_voc(root: Path, seed: int, trainval: int, test: int) -> None:
+    """PASCAL VOC 2007 layout under ``root/VOCdevkit/VOC2007``: JPEGImages/<id>.jpg, Annotations/<id>.xml (boxes
+    as 1-based inclusive pixel indices, ``difficult`` flags) and ImageSets/Main/{trainval,test}.txt."""
+    voc = root / "VOCdevkit" / "VOC2007"
+    (voc / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    (voc / "Annotations").mkdir(parents=True, exist_ok=True)
+    categories = [(i, shape, color) for i, (_, shape, color) in enumerate(VOC_OBJECTS)]
+    number = 0
+    for split, count in (("trainval", trainval), ("test", test)):
+        ids = []
+        for i in range(count):
+            number += 1
+            image_id = f"{number:06d}"
+            img, objects = detection_image(rng_for(seed, "voc", split, i), categories)
+            save_jpeg(img, voc / "JPEGImages" / f"{image_id}.jpg")
+            body = ""
+            for c, (x, y, w, h) in objects:
+                body += (f"<object><name>{VOC_OBJECTS[c][0]}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                         f"<difficult>{int(w < VOC_DIFFICULT_SIDE)}</difficult><bndbox><xmin>{int(x) + 1}</xmin>"
+                         f"<ymin>{int(y) + 1}</ymin><xmax>{int(x + w)}</xmax><ymax>{int(y + h)}</ymax></bndbox>"
+                         "</object>")
+            (voc / "Annotations" / f"{image_id}.xml").write_text(
+                f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename><size><width>{img.width}"
+                f"</width><height>{img.height}</height><depth>3</depth></size><segmented>0</segmented>{body}"
+                "</annotation>\n")
+            ids.append(image_id)
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
 def write_world(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
     """Write the whole synthetic world under ``out``; returns each dataset's root."""
     size = WorldSize().scaled(scale)
     roots = {"imagenet": out / "imagenet", "coco": out / "coco", "ade20k": out / "ADEChallengeData2016",
-             "pets": out / "pets", "streets": out / "streets" / "ADEChallengeData2016"}
+             "pets": out / "pets" / "oxford-iiit-pet", "streets": out / "streets" / "cityscapes", "voc": out / "voc"}
     write_classification(roots["imagenet"], IMAGENET_CLASSES, seed, "imagenet", size.cls_train_per_class,
                          size.cls_val_per_class)
     write_detection(roots["coco"], seed, size)
     write_segmentation(roots["ade20k"], ADE_CLASSES, "ade", seed, "ade20k", size.seg_train, size.seg_val)
-    write_classification(roots["pets"], PETS_CLASSES, seed, "pets", size.cls_train_per_class,
-                         size.cls_val_per_class)
-    write_segmentation(roots["streets"], STREETS_CLASSES, "streets", seed, "streets", size.seg_train // 2,
-                       size.seg_val)
+    write_oxford_pets(roots["pets"], PETS_CLASSES, seed, size.cls_train_per_class, size.cls_val_per_class)
+    write_cityscapes(roots["streets"], seed, size.seg_train // 2, size.seg_val)
+    write_voc(roots["voc"], seed, size.det_train // 2, size.det_val)
     return roots
 
 
