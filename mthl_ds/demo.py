@@ -1,7 +1,7 @@
 """The embedded demo: synthetic world -> shards -> 2-rank DeepSpeed training (ZeRO 2, LAMB, expert
 parallelism 2, all three tasks) -> evaluation -> report. Everything lands in one folder:
 
-    DIR/world/     the synthetic datasets in their real layouts (ImageNet, COCO, ADE20K, 2 downstream sets)
+    DIR/world/     the synthetic datasets in their real layouts (ImageNet, COCO, ADE20K; Pets, Cityscapes, VOC)
     DIR/shards/    their WebDataset shards, made by the same converters as real data
     DIR/run/       the training run: config, metrics, TensorBoard, checkpoints, report.md
     DIR/final_metrics.json
