@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import all_samples
 
 from mthl_ds.data.convert import convert
 from mthl_ds.data.pipelines import IGNORE_INDEX, PipelineConfig, make_decoder
-from mthl_ds.data.reader import ShardSet, read_shard
 from mthl_ds.data.shards import ShardError
 from mthl_ds.data.synth import PETS_CLASSES, classification_image, write_cityscapes, write_oxford_pets, write_voc
 from mthl_ds.evaluation import SegmentationEvaluator, voc_ap, voc_map
 
 
 def samples_of(folder):
-    s = ShardSet.open(folder)
-    return {key: members for shard in s.shards for key, members in read_shard(s.root / shard["name"])[0]}
+    return dict(all_samples(folder))
 
 
 def rng(*key):

@@ -9,15 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import demo_overrides
+from mthl_ds.bench.inference import flat_outputs
 from mthl_ds.config import load_recipe
 from mthl_ds.engine import launcher_free_env
 from mthl_ds.models.mthl import build_model
-
-
-def raw_outputs(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output.flatten(1)
-    return torch.cat([output[k].flatten(1) for k in ("cls_logits", "bbox_regression", "logits") if k in output], 1)
 
 
 @pytest.mark.parametrize("eval_drop_tokens", [False, True])
@@ -32,10 +27,10 @@ def test_an_image_gives_the_same_output_alone_and_in_any_batch(eval_drop_tokens)
         for name, size in (("imagenet", 64), ("coco", 128), ("ade20k", 64)):
             x = torch.randn(9, 3, size, size, generator=gen)
             model.set_dataset(name)
-            alone = raw_outputs(model(x[:1]))
+            alone = flat_outputs(model(x[:1]))
             scale = float(alone.abs().max())
             for batch, row in ((x[[5, 0, 2, 3]], 1), (x.flip(0), 8), (torch.cat([x[:1], x[:1] * 0]), 0)):
-                worst = max(worst, float((raw_outputs(model(batch))[row] - alone[0]).abs().max()) / scale)
+                worst = max(worst, float((flat_outputs(model(batch))[row] - alone[0]).abs().max()) / scale)
     if eval_drop_tokens:
         assert worst > 1e-3, worst
     else:
