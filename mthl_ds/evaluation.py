@@ -289,6 +289,17 @@ def chance_level(evaluator, num_classes: int, reduce_sum: ReduceSum = single) ->
     return CHANCE_MAP
 
 
+def protocol_of(task: str, shard_set: ShardSet, annotations: Optional[Path], original: bool) -> str:
+    """How ``evaluate`` scores a dataset, in words for the report."""
+    if task == "classification":
+        return "top-1 / top-5, timm's eval transform"
+    if task == "segmentation":
+        return "mIoU at the original resolution" if original else "mIoU at the crop-canvas scale (the trainer's)"
+    metric = (f"VOC mAP at IoU 0.5 ({shard_set.index['voc_ap']})" if shard_set.index.get("metric") == "voc"
+              else "COCO bbox AP")  # as DetectionEvaluator.result
+    return f"{metric} against " + (str(annotations) if annotations else "the ground truth in the shards")
+
+
 def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "val",
                  annotations: Optional[dict[str, Path]] = None, original: bool = False, batch_size: int = 0,
                  out: Optional[Path] = None) -> dict:
@@ -317,10 +328,7 @@ def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "v
             raise InputError(f"--annotations {name}={path}: {name!r} is not a detection dataset of --data")
         truth[name] = coco_annotations(path)
     results = evaluate(model, model, configs, val_sets, ground_truth=truth, original=original)
-    protocol = {n: ("COCO bbox AP against " + (str(annotations[n]) if n in truth else "the ground truth in the shards"))
-                if c.task == "detection" else ("mIoU at the original resolution" if original else
-                                               "mIoU at the crop-canvas scale (the trainer's)")
-                if c.task == "segmentation" else "top-1 / top-5, timm's eval transform" for n, c in configs.items()}
+    protocol = {n: protocol_of(c.task, val_sets[n], (annotations or {}).get(n), original) for n, c in configs.items()}
     summary = {"model": str(model_path), "label": label, "split": split, "protocol": protocol, "results": results}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -368,4 +368,8 @@ def test_adapting_an_export_to_each_kind_of_downstream_set(downstream_sets, name
     assert results[name]["metric"] == metric and np.isfinite(results[name]["value"])
     if name == "voc":
         assert results[name]["all"]["ap_method"] == "voc_11point"
+        from mthl_ds.evaluation import run_evaluate  # mthl-ds evaluate scores and describes it the same way
+        summary = run_evaluate(export, [(name, downstream_sets / name)])
+        assert summary["protocol"][name].startswith("VOC mAP at IoU 0.5 (11point)")
+        assert summary["results"][name]["all"]["ap_method"] == "voc_11point"
     assert read_metadata(export)["model"]["heads"] == [name]
