@@ -115,17 +115,24 @@ def save(engine, ckpt_dir: Path, step: int, recipe: Recipe, model: MTHLModel, ra
     return tag
 
 
-def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, rank: int, world_size: int) -> tuple[int, dict]:
-    """Restore the engine, this rank's RNG states and the surgery done during training (AES's ``set_top_k``);
-    returns (step, this rank's saved state)."""
+def rank_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
+    """This rank's saved state (loader positions, RNG states, routing usage), which needs no engine to read;
+    the world size is checked first, as exact resume needs the same one."""
     saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
     if saved["world_size"] != world_size:
         raise ConfigError(f"{ckpt_dir / tag} was written by {saved['world_size']} ranks; this run has "
                           f"{world_size}: exact resume needs the same world size")
+    return torch.load(ckpt_dir / tag / f"rank{rank}_state.pt", weights_only=False)
+
+
+def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, rank: int, world_size: int) -> tuple[int, dict]:
+    """Restore the engine, this rank's RNG states and the surgery done during training (AES's ``set_top_k``);
+    returns (step, this rank's saved state)."""
+    state = rank_state(ckpt_dir, tag, rank, world_size)
+    saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ShardError(f"DeepSpeed found no checkpoint {tag!r} in {ckpt_dir}")
-    state = torch.load(ckpt_dir / tag / f"rank{rank}_state.pt", weights_only=False)
     set_rng_state(state["rng"])
     # K set during training (AES) is not in the weights: replay the checkpoint's rules the new model lacks
     later = saved["model"]["surgery"][len(model.surgery):]

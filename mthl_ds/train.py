@@ -136,28 +136,26 @@ class Trainer:
         resume_tag = checkpoint.check_resume(self.ckpt_dir, r)
         init_distributed(r.train.collective_timeout_s)
         self.rank, self.world = world()
-        torch.manual_seed(r.train.seed)
-        model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
-        self.engine, self.optimizer, self.scheduler = build_engine(model, r)
-        self.model = self.engine.module
-        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed,
-                                      r.train.dataset_cycle)
-        self.step, loader_states = 0, {}
-        layers = self.model.backbone.moe_layers
-        widest = max((layer.num_experts for layer in layers), default=0)
-        self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
         self.selection, self.heldout = None, {}
         if r.train.aes is not None:  # AdaMV-MoE: K per dataset from held-out losses; the held-out samples never train
             self.selection = AdaptiveTopK(r.top_k_per_dataset(), r.model.moe.num_experts, r.train.aes.patience)
             self.heldout = {n: heldout_positions([s["num_samples"] for s in self.sets[n][0].shards],
                                                  r.train.aes.holdout, r.train.seed, at_least=self.world)
                             for n in r.datasets}
+        self.start_loaders(checkpoint.rank_state(self.ckpt_dir, resume_tag, self.rank, self.world)["loaders"]
+                           if resume_tag else {})
+        torch.manual_seed(r.train.seed)
+        model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
+        self.engine, self.optimizer, self.scheduler = build_engine(model, r)
+        self.model = self.engine.module
+        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed,
+                                      r.train.dataset_cycle)
+        self.step = 0
+        layers = self.model.backbone.moe_layers
+        widest = max((layer.num_experts for layer in layers), default=0)
+        self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
         if resume_tag:
-            loader_states = self.load(resume_tag)
-        self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
-                                         d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
-                                         state=loader_states.get(n), exclude=self.heldout.get(n))
-                        for n, d in r.datasets.items()}
+            self.load(resume_tag)
         self.record_launch()
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
@@ -165,6 +163,19 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.stop.install()
+
+    def start_loaders(self, states: dict) -> None:
+        """Build the training loaders and fork their workers now, before the model exists. A worker forked later
+        shares the rank's pages copy-on-write, and each page the optimizer writes afterwards is copied: at the
+        paper's sizes that was GBs per worker (the 2-rank fp16 ``mthl_swin_s`` rehearsal was OOM-killed by its
+        ADE20K workers, forked at step 3 from 5.5 GiB ranks)."""
+        r = self.recipe
+        self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
+                                         d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
+                                         state=states.get(n), exclude=self.heldout.get(n))
+                        for n, d in r.datasets.items()}
+        for loader in self.loaders.values():
+            loader.start()
 
     def record_launch(self) -> None:
         """Each rank notes how the launcher placed it (runs/…/launch/rank*.json), for multi-node checks."""
@@ -321,14 +332,14 @@ class Trainer:
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.recipe, self.model, rank_state, self.rank,
                         self.world, barrier)
 
-    def load(self, tag: str) -> dict:
+    def load(self, tag: str) -> None:
+        """The engine, RNG states, routing usage and AES state; the loaders took their positions at start."""
         self.step, state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.model, self.rank, self.world)
         self.usage = state["usage"]
         if self.selection is not None:
             self.selection.load_state_dict(state["aes"])
         if self.rank == 0:
             log.warning("resumed from %s at step %d", self.ckpt_dir / tag, self.step)
-        return state["loaders"]
 
     # ---- logging and the run
     def log_step(self, record: dict) -> None:

@@ -110,3 +110,32 @@ def test_plain_python_single_rank_run_and_refused_resume(shards, tmp_path):
     assert proc.returncode == 2
     assert "written by a different model; refusing to resume" in proc.stderr
     assert "model.moe.top_k: checkpoint has 4, recipe has 2" in proc.stderr
+
+
+FORK_ORDER = """
+import json, multiprocessing, sys
+import mthl_ds.train as train
+from mthl_ds.config import load_recipe
+seen = {}
+build = train.build_run_model
+def recording(*args, **kwargs):
+    seen["before_model"] = sorted(p.pid for p in multiprocessing.active_children())
+    return build(*args, **kwargs)
+train.build_run_model = recording
+trainer = train.Trainer(load_recipe("demo", sys.argv[2:]), sys.argv[1])
+trainer.setup()
+next(trainer.loaders["coco"])
+print(json.dumps({**seen, "after_setup": sorted(p.pid for p in multiprocessing.active_children())}))
+"""
+
+
+def test_loader_workers_are_forked_before_the_model_exists(shards, tmp_path):
+    """A worker forked after the engine shares its pages copy-on-write and keeps a copy of each one the optimizer
+    writes; the training loaders' workers (one per dataset here) must all exist before the model is built."""
+    overrides = demo_overrides(shards, workers=1, ep_size=1)
+    proc = subprocess.run([sys.executable, "-c", FORK_ORDER, str(tmp_path / "run"), *overrides], capture_output=True,
+                          text=True, timeout=300, env=launcher_free_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(pids["after_setup"]) == 3, pids
+    assert set(pids["after_setup"]) <= set(pids["before_model"]), pids

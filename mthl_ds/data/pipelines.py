@@ -257,9 +257,13 @@ class DatasetLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def start(self) -> None:
+        """Fork the workers (they then prefetch); the first batch does it otherwise."""
         if self._iter is None:
             self._iter = iter(self.loader)
+
+    def __next__(self) -> dict:
+        self.start()
         while not self._pending[self.next_worker]:
             batch = next(self._iter)
             self._pending[int(batch["__worker__"][0])].append(batch)
