@@ -125,10 +125,9 @@ def rank_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
     return torch.load(ckpt_dir / tag / f"rank{rank}_state.pt", weights_only=False)
 
 
-def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, rank: int, world_size: int) -> tuple[int, dict]:
-    """Restore the engine, this rank's RNG states and the surgery done during training (AES's ``set_top_k``);
-    returns (step, this rank's saved state)."""
-    state = rank_state(ckpt_dir, tag, rank, world_size)
+def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, state: dict) -> int:
+    """Restore the engine, this rank's RNG states (``state``: its :func:`rank_state`) and the surgery done during
+    training (AES's ``set_top_k``); returns the step."""
     saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
@@ -139,7 +138,7 @@ def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, rank: int, world_si
     if any(rule["op"] != "set_top_k" for rule in later):
         raise ConfigError(f"{ckpt_dir / tag}: surgery during training other than set_top_k: {later}")
     surgery.apply(model, later)
-    return client["step"], state
+    return client["step"]
 
 
 # ------------------------------------------------------------------------------------ the single-device model

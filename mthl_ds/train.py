@@ -142,8 +142,8 @@ class Trainer:
             self.heldout = {n: heldout_positions([s["num_samples"] for s in self.sets[n][0].shards],
                                                  r.train.aes.holdout, r.train.seed, at_least=self.world)
                             for n in r.datasets}
-        self.start_loaders(checkpoint.rank_state(self.ckpt_dir, resume_tag, self.rank, self.world)["loaders"]
-                           if resume_tag else {})
+        saved = checkpoint.rank_state(self.ckpt_dir, resume_tag, self.rank, self.world) if resume_tag else None
+        self.start_loaders(saved["loaders"] if saved else {})
         torch.manual_seed(r.train.seed)
         model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
         self.engine, self.optimizer, self.scheduler = build_engine(model, r)
@@ -155,7 +155,7 @@ class Trainer:
         widest = max((layer.num_experts for layer in layers), default=0)
         self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
         if resume_tag:
-            self.load(resume_tag)
+            self.load(resume_tag, saved)
         self.record_launch()
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
@@ -332,9 +332,10 @@ class Trainer:
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.recipe, self.model, rank_state, self.rank,
                         self.world, barrier)
 
-    def load(self, tag: str) -> None:
-        """The engine, RNG states, routing usage and AES state; the loaders took their positions at start."""
-        self.step, state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.model, self.rank, self.world)
+    def load(self, tag: str, state: dict) -> None:
+        """The engine, RNG states, routing usage and AES state from ``state`` (this rank's saved one); the loaders
+        took their positions at start."""
+        self.step = checkpoint.load(self.engine, self.ckpt_dir, tag, self.model, state)
         self.usage = state["usage"]
         if self.selection is not None:
             self.selection.load_state_dict(state["aes"])
