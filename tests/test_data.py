@@ -72,6 +72,22 @@ def test_coco_round_trip_keeps_boxes_categories_and_ids(world):
         assert item["image"].shape == (3, 128, 128)
 
 
+def test_synthetic_coco_objects_are_whole_and_do_not_overlap(world):
+    """Every annotated shape is fully visible (issue 18: overlapping shapes were label noise), and every image
+    has one, so none is left out of training by filter_empty_gt."""
+    roots, _ = world
+    for split in ("train", "val"):
+        source = json.loads((roots["coco"] / "annotations" / f"instances_{split}2017.json").read_text())
+        boxes = {img["id"]: [] for img in source["images"]}
+        for a in source["annotations"]:
+            boxes[a["image_id"]].append(a["bbox"])
+        for image_id, image_boxes in boxes.items():
+            assert 1 <= len(image_boxes) <= 3, (split, image_id)
+            for i, (x, y, w, h) in enumerate(image_boxes):
+                for u, v, p, q in image_boxes[i + 1:]:
+                    assert x >= u + p or u >= x + w or y >= v + q or v >= y + h, (split, image_id, image_boxes)
+
+
 def test_ade20k_round_trip_keeps_mask_pixels(world):
     roots, sets = world
     samples = dict(all_samples(sets["ade20k"] / "val"))

@@ -91,9 +91,9 @@ def test_two_rank_evaluation_equals_one_rank_at_any_eval_batch(shards, tmp_path)
     for run in ("recipe_batch", "batch_1"):
         for name in single:
             for key, value in single[name]["all"].items():
-                # AP sorts thousands of an untrained detector's near-equal scores: rounding that differs with the
-                # batch's shape reorders a few ties (up to 1e-3 of a point at batch 1); counts are exact
-                tolerance = 1e-2 if key.startswith("AP") or key == "mAP" else 1e-6
+                # AP sorts 6000 scores: rounding that differs with the batch's shape could reorder a near-tie
+                # (prepare spreads the scores; measured: equal); counts are exact
+                tolerance = 1e-3 if key.startswith("AP") or key == "mAP" else 1e-6
                 assert distributed[run][name]["all"][key] == pytest.approx(value, abs=tolerance), (run, name, key)
     assert single["imagenet"]["all"]["samples"] == len(sets["imagenet"][1])
     with torch.no_grad():

@@ -125,7 +125,11 @@ def write_classification(root: Path, classes, seed: int, name: str, train_per_cl
         "".join(f"{w} {s} {c}\n" for w, (s, c) in zip(wnids, classes)))
 
 
-def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES):
+def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES, tries: int = 20):
+    """1-3 shapes that do not overlap. When shapes could overlap, 30% of the objects were partly hidden by a later
+    one (7% more than half) while their boxes stayed whole: with 240 train images that label noise made the demo's
+    coco mAP a matter of the seed (49.6 +- 4.5 over 3 seeds; 66.6 +- 1.3 without overlaps, issue 18). A shape
+    that finds no free place in ``tries`` draws is left out."""
     h, w = (int(v) for v in rng.choice([(96, 128), (128, 96), (112, 112)]))
     img = Image.fromarray(noisy_background(rng, h, w))
     draw = ImageDraw.Draw(img)
@@ -133,7 +137,12 @@ def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES):
     for _ in range(int(rng.integers(1, 4))):
         cat_id, shape, color = categories[int(rng.integers(len(categories)))]
         side = int(rng.integers(22, 48))
-        x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        for _ in range(tries):
+            x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+            if all(x0 >= x + s or x >= x0 + side or y0 >= y + s or y >= y0 + side for _, (x, y, s, _) in objects):
+                break
+        else:
+            continue
         draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), PALETTE[color])
         objects.append((cat_id, [float(x0), float(y0), float(side), float(side)]))
     return img, objects
