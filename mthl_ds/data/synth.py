@@ -139,7 +139,8 @@ def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES, tries:
         side = int(rng.integers(22, 48))
         for _ in range(tries):
             x0, y0 = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-            if all(x0 >= x + s or x >= x0 + side or y0 >= y + s or y >= y0 + side for _, (x, y, s, _) in objects):
+            if all(x0 >= x + placed or x >= x0 + side or y0 >= y + placed or y >= y0 + side
+                   for _, (x, y, placed, _) in objects):
                 break
         else:
             continue
