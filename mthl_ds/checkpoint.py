@@ -77,16 +77,22 @@ def check_resume(ckpt_dir: Path, recipe: Recipe) -> Optional[str]:
 
 
 def rng_state() -> dict:
+    """This rank's RNG states: CPU, numpy, Python and its own CUDA device's (each rank saves its own file)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA one goes to this rank's current device. A checkpoint written
+    without CUDA restores the rest (the CUDA generator then starts from its seed)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by an earlier version: every device's state; this rank's is its own index
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # ------------------------------------------------------------------------------------------- save and load
@@ -122,7 +128,7 @@ def rank_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
     if saved["world_size"] != world_size:
         raise ConfigError(f"{ckpt_dir / tag} was written by {saved['world_size']} ranks; this run has "
                           f"{world_size}: exact resume needs the same world size")
-    return torch.load(ckpt_dir / tag / f"rank{rank}_state.pt", weights_only=False)
+    return torch.load(ckpt_dir / tag / f"rank{rank}_state.pt", map_location="cpu", weights_only=False)
 
 
 def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, state: dict) -> int:

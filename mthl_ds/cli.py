@@ -75,6 +75,10 @@ def cmd_bench(args) -> int:
         only = set(args.only.split(",")) if args.only else None
         rows = run(smoke=args.smoke, repeats=args.repeats, only=only)
         columns = COLUMNS
+        import torch
+        if torch.cuda.is_available() and (only is None or "GPU" in only):
+            from mthl_ds.bench.gpu import gpu_rows
+            rows += gpu_rows(repeats=args.repeats)
     elif args.suite == "data" and args.real_size:
         from mthl_ds.bench.data import run_real_size
         rows = run_real_size(args.recipe, count=min(args.count, 48), repeats=args.repeats)
@@ -84,6 +88,14 @@ def cmd_bench(args) -> int:
         from mthl_ds.bench.data import run
         rows = run(count=args.count, repeats=args.repeats)
         columns = ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"]
+    elif args.suite == "gpu":
+        from mthl_ds.bench.gpu import gpu_rows
+        from mthl_ds.bench.suite import COLUMNS
+        import torch
+        if not torch.cuda.is_available():
+            raise InputError("mthl-ds bench gpu needs a CUDA GPU; torch.cuda.is_available() is False here")
+        rows = gpu_rows(repeats=args.repeats)
+        columns = COLUMNS
     else:
         from mthl_ds.bench.lamb import run
         rows = run(repeats=args.repeats)
@@ -112,7 +124,7 @@ def cmd_rehearse(args) -> int:
 def cmd_evaluate(args) -> int:
     from mthl_ds.evaluation import run_evaluate
     summary = run_evaluate(args.model, args.data, args.split, dict(args.annotations or []), args.original,
-                           args.batch_size, args.out)
+                           args.batch_size, args.out, device=args.device)
     for name, r in summary["results"].items():
         print(f"{name:<12} {r['task']:<15} {r['metric']} {r['value']:.2f}  ({summary['protocol'][name]})")
     if args.out:
@@ -122,7 +134,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from mthl_ds.predict import run_predict
-    summary = run_predict(args.model, args.dataset, args.images, args.out, args.batch_size, args.draw_threshold)
+    summary = run_predict(args.model, args.dataset, args.images, args.out, args.batch_size, args.draw_threshold,
+                          device=args.device, precision=args.precision)
     print(f"{summary['images']} images in {summary['seconds']:.2f} s ({summary['images_per_s']:.1f} images/s); "
           f"results in {summary['out']}")
     return 0
@@ -153,19 +166,22 @@ def shard_set(folder: Path, split: str):
 
 def cmd_stats(args) -> int:
     from mthl_ds import stats
+    from mthl_ds.device import resolve
     from mthl_ds.export import load_model
+    device = resolve(args.device)  # a device this machine lacks is refused before any work
     data = {name: shard_set(folder, args.split) for name, folder in args.data}
     pair = args.grad_cosine.split(",") if args.grad_cosine else []
     if args.grad_cosine and (len(pair) != 2 or not set(pair) <= set(data)):
         raise UsageError(f"--grad-cosine {args.grad_cosine!r}: name two of the --data sets {sorted(data)}, as A,B")
-    model, label, _ = load_model(args.model)
+    model, label, _ = load_model(args.model)  # on the CPU, then moved
+    model.to(device)
     layers = stats.gate_names(model)
     if args.maps and not -len(layers) <= args.map_layer < len(layers):
         raise UsageError(f"--map-layer {args.map_layer}: {args.model} has {len(layers)} routed layers {layers}")
     models = {label: model}
     for path in args.compare or []:  # every checkpoint loaded and checked before any work
         other, other_label, _ = load_model(path)
-        models[other_label if other_label not in models else str(path)] = other
+        models[other_label if other_label not in models else str(path)] = other.to(device)
         try:
             stats.same_layers(models)
         except ValueError as e:
@@ -250,6 +266,10 @@ def add_adapt_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_device_argument(p) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA where there is one, else the CPU)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mthl-ds", description="Multi-task heterogeneous learners on DeepSpeed-MoE")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,9 +341,10 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb"],
-                   help="all: the suite B1-B8 (+ GPU section with CUDA); data / lamb: one benchmark in detail")
-    p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8,GPU)")
+    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb", "gpu"],
+                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu: one benchmark in detail "
+                        "(gpu: CUDA only)")
+    p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
     p.add_argument("--real-size", action="store_true", help="data: each dataset at the recipe's real sizes and "
@@ -349,6 +370,7 @@ def main(argv=None) -> int:
                    help="segmentation: score at the original resolution (mmseg) instead of the canvas scale")
     p.add_argument("--batch-size", type=int, default=0, help="default: the dataset's eval batch size")
     p.add_argument("--out", type=Path)
+    add_device_argument(p)
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("predict", help="predict on image files: top-5 (classification), boxes (detection), masks "
                                        "(segmentation); JSON, drawings and overlays")
@@ -358,6 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--draw-threshold", type=float, default=0.3, help="detection: draw boxes scoring at least this")
+    add_device_argument(p)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 / fp16: the model under autocast (fp16 is refused on the CPU)")
     p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("stats", help="routing analysis of a model on data: usage, router similarity, and on request "
                                      "routing convergence, gradient conflict, expert maps (JSON + plots)")
@@ -377,6 +402,7 @@ def main(argv=None) -> int:
                    "top-1 (border) and top-2 (fill) experts")
     p.add_argument("--map-layer", type=int, default=-1, help="--maps: index of the gate (MoE MLPs, then attention)")
     p.add_argument("--out", type=Path, required=True)
+    add_device_argument(p)
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("adapt", help="adapt an exported model to a new dataset (one Table-3 mode)")
     p.add_argument("model", type=Path)

@@ -120,6 +120,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     collective_timeout_s: float = 600.0  # a rank waiting this long on a lost or hung peer raises (engine.init_distributed)
     nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
+    deterministic: bool = False  # bitwise-repeatable GPU kernels where torch has them (slower); CPU runs already are
     aes: Optional[AESConfig] = None  # adaptive K per dataset (AdaMV-MoE); None: K stays as configured
     dataset_cycle: tuple[str, ...] = ()  # these datasets in turn instead of weighted sampling (rehearsals, debugging)
 

@@ -37,13 +37,18 @@ class HalfMatmulsInFloat32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def enable() -> None:
-    """Declare fp16 on DeepSpeed's CPU accelerator and compute fp16 matmuls in float32, for this process."""
+def enable() -> bool:
+    """Declare fp16 on DeepSpeed's CPU accelerator and compute fp16 matmuls in float32, for this process. Where
+    CUDA is available it does nothing and returns False: GPUs run fp16 natively, and the shim must never touch
+    a CUDA run."""
     global _mode
+    if torch.cuda.is_available():
+        return False
     if _mode is not None:
-        return
+        return True
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
     CPU_Accelerator.is_fp16_supported = lambda self: True
     CPU_Accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
     _mode = HalfMatmulsInFloat32()
     _mode.__enter__()
+    return True

@@ -14,7 +14,9 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
+from mthl_ds.collectives import all_reduce_, barrier, world
 from mthl_ds.config import Recipe, read_ds_config
+from mthl_ds.device import local_device
 from mthl_ds.optim import Lamb, attach_zero_layout
 
 
@@ -26,10 +28,16 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     ``timeout_s`` bounds the rendezvous and every collective of every group (``train.collective_timeout_s``): a rank
     whose peers are gone or hung raises after it instead of waiting forever. DeepSpeed creates its ZeRO and expert
     groups with ``new_group()`` and no timeout, for which torch takes its module default (30 min for gloo): that
-    default is set too, before any group exists."""
+    default is set too, before any group exists.
+
+    With CUDA the backend is NCCL and the rank's device (``mthl_ds.device.local_device``) is made current first,
+    so that NCCL and every ``cuda`` tensor without an index use it; else gloo on the CPU."""
     if torch.distributed.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     c10d = torch.distributed.distributed_c10d
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
@@ -64,7 +72,7 @@ def release_shm_buffer() -> None:
     """
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    torch.distributed.barrier()
+    barrier()
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
@@ -82,12 +90,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def world() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def ep_rank(ep_size: int) -> int:
@@ -144,12 +146,15 @@ def build_engine(model: nn.Module, recipe: Recipe):
     _, world_size = world()
     config = ds_config(recipe, world_size)
     stage = config.get("zero_optimization", {}).get("stage", 0)
+    lamb_clips = recipe.train.optimizer == "lamb" and stage in (1, 2)
+    if lamb_clips:  # LAMB clips by ZeRO's global norm on the device; DeepSpeed's clipping reads it on the host
+        config["gradient_clipping"] = 0.0
     optimizer = build_optimizer(optimizer_groups(model, recipe.train.weight_decay), recipe.train.lr,
                                 recipe.train.optimizer, stage)
     scheduler = triangular_schedule(optimizer, recipe.train.warmup_steps, recipe.train.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=config)
-    attach_zero_layout(engine)
+    attach_zero_layout(engine, recipe.train.grad_clip if lamb_clips else 0.0)
     if stage == 0:
         use_exact_moe_clipping(engine)
     return engine, optimizer, scheduler
@@ -161,58 +166,32 @@ def use_exact_moe_clipping(engine) -> None:
     DeepSpeed's stage-0 ``clip_grad_norm_`` averages each rank's local norm (shared tensors plus *its own*
     experts) over ranks, which is not the norm of the whole gradient, so the clip factor, and the training,
     change with ep_size. Here: shared tensors' squares (already averaged, the same on every rank) plus the
-    experts' squares summed over each expert-parallel group. ZeRO 1/2 already compute the exact norm.
+    experts' squares summed over each expert-parallel group. ZeRO 1/2 already compute the exact norm. The norms
+    and the factor stay on the gradients' device (multi-tensor norms, one multi-tensor scale): no host sync.
     """
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups
 
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else None
+
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        shared = torch.zeros((), dtype=torch.float32)
-        experts: dict[str, torch.Tensor] = {}
+        if not params:
+            return
+        shared = [p.grad for p in params if not is_moe_param(p)]
+        experts: dict[str, list[torch.Tensor]] = {}
         for p in params:
-            square = p.grad.detach().float().pow(2).sum()
             if is_moe_param(p):
-                experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float32)) + square
-            else:
-                shared += square
-        total = shared
-        for name, square in experts.items():
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(square, group=groups._get_expert_parallel_group(name))
-            total = total + square
+                experts.setdefault(p.group_name, []).append(p.grad)
+        total = squares(shared) if shared else params[0].grad.new_zeros((), dtype=torch.float32)
+        for name, grads in experts.items():
+            total = total + all_reduce_(squares(grads), group=groups._get_expert_parallel_group(name))
         coef = (engine.gradient_clipping() / (total.sqrt() + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dtype))
 
     engine.clip_fp32_gradients = clip
-
-
-def distributed() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks into a copy (the tensor itself in a single process)."""
-    if distributed():
-        tensor = tensor.clone()
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average over all ranks; used for the MI buffers."""
-    return all_reduce_sum(tensor) / world()[1] if distributed() else tensor
-
-
-def all_gather_objects(obj) -> list:
-    if distributed():
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def barrier() -> None:
-    if distributed():
-        torch.distributed.barrier()

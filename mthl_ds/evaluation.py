@@ -9,6 +9,12 @@ canvas scale against the mask resized with it (the trainer's protocol), or at th
 scores (``original``: the logits of the image's part of the canvas resized back to the image, bilinear, then
 argmax, against the original mask). mmseg's ADE20K test resizes the short side to 512 instead of fitting the
 long side into 512 x 512; the model input differs there, not the scoring.
+
+Devices. The images, the targets the metrics read (labels, masks) and the metric accumulators (classification
+counts, the segmentation confusion matrix) live on the model's device; they are built with static shapes (no
+boolean-mask indexing, no ``bincount``, whose output size is read on the host) and read back once, at the end.
+Host metadata (``scale``, ``orig_size``, ``image_id``, and ``valid`` for detection) stays on the CPU, where the
+heads' postprocessing and the detection list read it; detections come back to the CPU once per batch.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from mthl_ds.config import DatasetConfig, Recipe
 from mthl_ds.data.pipelines import IGNORE_INDEX, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet, read_shard
 from mthl_ds.data.shards import ShardError
+from mthl_ds.device import DeviceLike, to_device
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 CHANCE_MAP = 0.0  # a detector that guesses has an AP of (almost) zero
@@ -35,16 +42,18 @@ Gather = Callable[[list], list]
 
 class ClassificationEvaluator:
     metric = "top1"
+    device_keys = ("label", "valid")  # what update reads on the device
 
-    def __init__(self):
-        self.counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
+    def __init__(self, device: DeviceLike = "cpu"):
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
 
     def update(self, logits: torch.Tensor, batch: dict) -> None:
+        """Counts of this batch, added on the device; padding samples are masked out with ``& valid``, not indexed
+        away, so the shapes stay static."""
         valid = batch["valid"]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == batch["label"][:, None]
-        self.counts += torch.tensor([float(hits[:, 0][valid].sum()), float(hits.any(1)[valid].sum()),
-                                     float(valid.sum())], dtype=torch.float64)
+        self.counts += torch.stack([hits[:, 0] & valid, hits.any(1) & valid, valid]).sum(1, dtype=torch.float64)
 
     def result(self, reduce_sum: ReduceSum, gather: Gather) -> dict:
         top1, top5, n = reduce_sum(self.counts).tolist()
@@ -57,28 +66,44 @@ class ClassificationEvaluator:
 
 class SegmentationEvaluator:
     """mIoU / mAcc / aAcc from a confusion matrix, as mmseg computes them (classes absent from both
-    prediction and ground truth are left out of the means)."""
-    metric = "mIoU"
+    prediction and ground truth are left out of the means).
 
-    def __init__(self, num_classes: int):
+    The matrix is accumulated on the device as a flat float64 vector of ``C * C + 1`` cells: pixel (target t,
+    prediction p) adds one to cell ``t * C + p``, and an ignored pixel or a padding sample's to the last cell,
+    which is never read. One ``index_add_`` per batch with static shapes: no boolean-mask indexing and no
+    ``torch.bincount``, both of which make CUDA wait for the host to size their output."""
+    metric = "mIoU"
+    device_keys = ("mask", "mask_original", "valid")
+
+    def __init__(self, num_classes: int, device: DeviceLike = "cpu"):
         self.num_classes = num_classes
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.float64, device=device)
+        self.one = torch.ones((), dtype=torch.float64, device=device)
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """(C, C) float64 counts, rows ground truth, columns prediction (a view of the accumulator)."""
+        return self.counts[:-1].view(self.num_classes, self.num_classes)
+
+    def cells(self, target: torch.Tensor, prediction: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Each pixel's cell of the flat matrix: ``target * C + prediction``, or the last cell where the target is
+        ignored or the sample is padding (``valid`` False; broadcast against the pixels)."""
+        c = self.num_classes
+        return torch.where((target != IGNORE_INDEX) & valid, target * c + prediction, c * c).flatten()
 
     def update(self, prediction, batch: dict) -> None:
         """``prediction``: (B, H, W) at the canvas scale against ``batch["mask"]``, or a list of masks at the
-        original sizes against ``batch["mask_original"]``."""
-        targets = batch["mask_original"] if isinstance(prediction, list) else batch["mask"]
-        for target, pred, valid in zip(targets, prediction, batch["valid"].tolist()):
-            if not valid:
-                continue
-            keep = target != IGNORE_INDEX
-            index = target[keep] * self.num_classes + pred[keep]
-            self.confusion += torch.bincount(index, minlength=self.num_classes ** 2).reshape(
-                self.num_classes, self.num_classes).double()
+        original sizes against ``batch["mask_original"]``; both on the accumulator's device, as ``batch["valid"]``."""
+        valid = batch["valid"]
+        if isinstance(prediction, list):
+            index = torch.cat([self.cells(t, p, v) for t, p, v in zip(batch["mask_original"], prediction, valid)])
+        else:
+            index = self.cells(batch["mask"], prediction, valid.view(-1, 1, 1))
+        self.counts.index_add_(0, index, self.one.expand(index.numel()))
 
     @staticmethod
     def metrics(confusion: torch.Tensor) -> dict:
-        conf = confusion.numpy()
+        conf = confusion.cpu().numpy()
         diag, gt, pred = np.diag(conf), conf.sum(1), conf.sum(0)
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = diag / (gt + pred - diag)
@@ -194,10 +219,26 @@ def voc_map(ground_truth: dict, detections: list[dict], method: str, iou_thresho
     return {"mAP": value, "AP50": value, "ap_method": f"voc_{method}", "per_class_ap": aps}
 
 
+def detections_to_cpu(detections: list[dict]) -> list[dict]:
+    """Per-image detections (``boxes`` (N, 4), ``scores``, ``labels``) on the CPU in one copy for the whole batch
+    (one host sync, not three per image): packed into one float64 tensor, which holds float32 boxes and scores
+    and integer labels exactly, then split back into their own dtypes. Done on the CPU too (a cheap copy), so
+    that the CPU tests run the path CUDA runs."""
+    if not detections:
+        return detections
+    packed = torch.cat([torch.cat([d["boxes"].double(), d["scores"].double()[:, None], d["labels"].double()[:, None]],
+                                  1) for d in detections]).cpu()
+    return [{"boxes": p[:, :4].to(d["boxes"].dtype), "scores": p[:, 4].to(d["scores"].dtype),
+             "labels": p[:, 5].to(d["labels"].dtype)}
+            for p, d in zip(packed.split([len(d["scores"]) for d in detections]), detections)]
+
+
 class DetectionEvaluator:
     """COCO's bbox mAP (pycocotools), or VOC's mAP at IoU 0.5 for a shard set the VOC converter wrote
-    (``index.json`` ``"metric": "voc"``, ``"voc_ap"``: the AP method)."""
+    (``index.json`` ``"metric": "voc"``, ``"voc_ap"``: the AP method). Its detections are a host list, gathered
+    over the ranks as Python objects."""
     metric = "mAP"
+    device_keys = ()  # ``image_id`` and ``valid`` stay on the CPU
 
     def __init__(self, shard_set: ShardSet, ground_truth: Optional[dict] = None):
         self.shard_set, self.ground_truth = shard_set, ground_truth
@@ -205,6 +246,8 @@ class DetectionEvaluator:
         self.detections: list[dict] = []
 
     def update(self, predictions: list[dict], batch: dict) -> None:
+        """Detections of the valid samples into the host list (``image_id`` and ``valid`` read on the CPU)."""
+        predictions = detections_to_cpu(predictions)
         for det, image_id, valid in zip(predictions, batch["image_id"].tolist(), batch["valid"].tolist()):
             if not valid:
                 continue
@@ -223,11 +266,13 @@ class DetectionEvaluator:
         return {**coco_map(truth, detections), "detections": len(detections)}
 
 
-def make_evaluator(task: str, num_classes: int, shard_set: Optional[ShardSet], ground_truth: Optional[dict] = None):
+def make_evaluator(task: str, num_classes: int, shard_set: Optional[ShardSet], ground_truth: Optional[dict] = None,
+                   device: DeviceLike = "cpu"):
+    """The metric of ``task``; classification and segmentation accumulate on ``device``."""
     if task == "classification":
-        return ClassificationEvaluator()
+        return ClassificationEvaluator(device)
     if task == "segmentation":
-        return SegmentationEvaluator(num_classes)
+        return SegmentationEvaluator(num_classes, device)
     return DetectionEvaluator(shard_set, ground_truth)
 
 
@@ -255,26 +300,38 @@ def single(values):
     return values
 
 
+def model_device(model) -> torch.device:
+    """Where ``model``'s parameters are (the device it computes on)."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def evaluate(forward, model, datasets: dict[str, DatasetConfig], val_sets: dict[str, ShardSet], rank: int = 0,
              world: int = 1,
              workers: int = 0, reduce_sum: ReduceSum = single, gather: Gather = lambda obj: [obj],
-             ground_truth: Optional[dict[str, dict]] = None, original: bool = False) -> dict:
+             ground_truth: Optional[dict[str, dict]] = None, original: bool = False,
+             device: DeviceLike = None) -> dict:
     """Every dataset's val metrics (``val_sets`` names the datasets; ``datasets`` gives their task, classes and
     input geometry, e.g. a recipe's). ``forward`` is the engine (or the plain model
     in one process); each rank evaluates its share, counts are summed (``reduce_sum``) and detections gathered
     (``gather``), so any world size gives the same result. ``ground_truth``: COCO ground truth per detection
-    dataset; ``original``: segmentation at the original resolution (module docstring)."""
+    dataset; ``original``: segmentation at the original resolution (module docstring). ``device``: where the
+    images, targets and counts go (default: the model's parameters' device); ``reduce_sum`` is handed tensors on
+    it (NCCL refuses CPU tensors)."""
+    device = model_device(model) if device is None else torch.device(device)
     results = {}
     for name, val in val_sets.items():
         d = datasets[name]
         loader = eval_loader(val, make_decoder(dataset_pipeline(d, original), train=False),
-                             d.eval_batch_size or d.batch_size, rank, world, workers)
-        evaluator = make_evaluator(d.task, d.num_classes, val, (ground_truth or {}).get(name))
+                             d.eval_batch_size or d.batch_size, rank, world, workers,
+                             pin_memory=device.type == "cuda")  # so that the copies below are asynchronous
+        evaluator = make_evaluator(d.task, d.num_classes, val, (ground_truth or {}).get(name), device)
         model.set_dataset(name)
         head = model.heads[name]
         for batch in loader:
-            evaluator.update(head.predict(forward(batch["image"].to(model.dtype)), batch), batch)
+            moved = {k: batch[k] for k in ("image", *evaluator.device_keys) if k in batch}
+            batch = {**batch, **to_device(moved, device, model.dtype)}  # the rest stays on the host
+            evaluator.update(head.predict(forward(batch["image"]), batch), batch)
         metrics = evaluator.result(reduce_sum, gather)
         results[name] = {"task": d.task, "metric": evaluator.metric, "value": metrics[evaluator.metric],
                          "chance": chance_level(evaluator, d.num_classes, reduce_sum), "all": metrics}
@@ -285,7 +342,7 @@ def chance_level(evaluator, num_classes: int, reduce_sum: ReduceSum = single) ->
     if isinstance(evaluator, ClassificationEvaluator):
         return evaluator.chance(num_classes)
     if isinstance(evaluator, SegmentationEvaluator):
-        return evaluator.chance_miou(reduce_sum(evaluator.confusion).sum(1).numpy())
+        return evaluator.chance_miou(reduce_sum(evaluator.confusion).sum(1).cpu().numpy())
     return CHANCE_MAP
 
 
@@ -302,13 +359,17 @@ def protocol_of(task: str, shard_set: ShardSet, annotations: Optional[Path], ori
 
 def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "val",
                  annotations: Optional[dict[str, Path]] = None, original: bool = False, batch_size: int = 0,
-                 out: Optional[Path] = None) -> dict:
+                 out: Optional[Path] = None, device: DeviceLike = None) -> dict:
     """``mthl-ds evaluate``: every metric of the named datasets for an export, a run folder or a checkpoint, in one
-    process; JSON and a markdown report under ``out``. Input sizes and classes come from the model's metadata."""
+    process; JSON and a markdown report under ``out``. Input sizes and classes come from the model's metadata.
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA where there is one, else the CPU), checked before
+    any work; the model is loaded onto the CPU, then moved there."""
+    from mthl_ds.device import resolve
     from mthl_ds.errors import InputError
     from mthl_ds.export import load_model
+    device = resolve(device)
     model, label, inputs = load_model(Path(model_path))
-    model.eval()
+    model.eval().to(device)
     configs, val_sets = {}, {}
     for name, folder in data:  # every dataset checked before any evaluation
         if name not in model.heads:
@@ -327,9 +388,10 @@ def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "v
         if configs.get(name) is None or configs[name].task != "detection":
             raise InputError(f"--annotations {name}={path}: {name!r} is not a detection dataset of --data")
         truth[name] = coco_annotations(path)
-    results = evaluate(model, model, configs, val_sets, ground_truth=truth, original=original)
+    results = evaluate(model, model, configs, val_sets, ground_truth=truth, original=original, device=device)
     protocol = {n: protocol_of(c.task, val_sets[n], (annotations or {}).get(n), original) for n, c in configs.items()}
-    summary = {"model": str(model_path), "label": label, "split": split, "protocol": protocol, "results": results}
+    summary = {"model": str(model_path), "label": label, "split": split, "device": str(device), "protocol": protocol,
+               "results": results}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")

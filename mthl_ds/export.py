@@ -104,7 +104,9 @@ def read_metadata(path: Path) -> dict:
 
 def load_model(path: Path) -> tuple[MTHLModel, str, dict[str, dict]]:
     """(single-device model, short label, each dataset's inputs: ``dataset_inputs``) from an export file, a run
-    folder (its latest complete checkpoint) or a checkpoint folder ``RUN/checkpoints/TAG``."""
+    folder (its latest complete checkpoint) or a checkpoint folder ``RUN/checkpoints/TAG``, always on the CPU
+    (whatever device wrote it): callers move it to the device they compute on (``Predictor.load``,
+    ``run_evaluate``, ``mthl-ds stats``)."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         model, source = consolidate(path)
@@ -120,12 +122,12 @@ def load_model(path: Path) -> tuple[MTHLModel, str, dict[str, dict]]:
 
 
 def load_export(path: Path, ep_size: int = 1, ep_rank: int = 0) -> tuple[MTHLModel, dict]:
-    """(model, metadata). ``ep_size > 1``: this rank's share of the experts, for a DeepSpeed run."""
+    """(model, metadata), on the CPU. ``ep_size > 1``: this rank's share of the experts, for a DeepSpeed run."""
     meta = read_metadata(path)
     model = surgery.rebuild(meta, str(path))
     try:
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise ExportError(f"{path}: the weights cannot be read ({e}); is the file truncated?") from None
     check_state(model, state, str(path))

@@ -7,7 +7,8 @@ rehearse``, which prints both: weights to the byte, optimizer states within Deep
     weights    b * (P + X / ep)                       every GPU holds the shared weights and its experts
     partition  P / N + (X / ep) / (N / ep)            what ZeRO 1/2 give one GPU: shared tensors split over all
                                                       N ranks, experts over their expert-data-parallel group
-    optimizer  (4 + 8) * partition                    fp32 master copy + LAMB's two moments (ZeRO 1/2), or
+    optimizer  (4 + 8 + 4) * partition                fp32 master copy + LAMB's two moments + its element-to-tensor
+                                                      index (ZeRO 1/2; 4 + 8 with AdamW), or
                (4 + 8) * (P + X / ep) at stage 0 (+ 4 x that for the fp16 master copy)
     gradients  b * partition + reduce buckets (ZeRO 2: reduce_bucket_size, twice with overlap_comm), or
                b * (P + X / ep) at stages 0 / 1
@@ -15,12 +16,16 @@ rehearse``, which prints both: weights to the byte, optimizer states within Deep
 Activations: the bytes of every tensor autograd saves for backward in one training forward (and loss) of the
 real model at the dataset's input size and precision, each storage counted once, parameters excluded, measured at
 batch 1 and 2 and extrapolated linearly, A(B) = A(1) + (B - 1) (A(2) - A(1)): saved activations grow with the
-batch, and the intercept keeps what does not (e.g. tables built per input size). Not counted: the transient
-workspace of single kernels and the allocator's fragmentation, nor the CUDA context; a recipe "fits" a card when
-its largest dataset's total stays under ``FIT_SHARE`` of the card's memory, a margin for those (not measured here).
+batch, and the intercept keeps what does not (e.g. tables built per input size). Measured on a CUDA device, the
+plan takes instead the allocator's peak over forward and backward (less the parameter gradients), extrapolated the
+same way: it also holds the transient tensors (a loss's full-resolution logits and their gradient, workspaces),
+which the saved tensors miss (ADE20K at 512, batch 2: 2.40 GiB saved, 3.00 GiB at the peak of a real step on an
+H200). Not counted: the allocator's fragmentation, nor the CUDA context; a recipe "fits" a card when its largest
+dataset's total stays under ``FIT_SHARE`` of the card's memory, a margin for those.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -101,14 +106,36 @@ def saved_activation_bytes(model, step) -> dict[str, int]:
             "checkpointed": outside + sum(inputs.values()) + max(per_unit, default=0)}
 
 
-def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), progress=print) -> dict:
-    """Per dataset: saved-activation bytes at each batch size (real model, real input size, the recipe's
-    precision), with and without activation checkpointing, extrapolated to the recipe's batch; and the tokens
-    and expert capacity of the first MoE call."""
+def allocator_peak_bytes(model, step, device: torch.device) -> int:
+    """On CUDA: the allocator's peak over ``step()`` and its backward above what was allocated before, less the
+    parameter gradients backward made (the plan counts gradients with the ZeRO states). Unlike the saved tensors,
+    this holds what lives only for a moment (a loss's full-resolution logits and their gradient, kernels'
+    workspaces)."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step().backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return peak - grads
+
+
+def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), progress=print,
+                        device: Optional[torch.device] = None) -> dict:
+    """Per dataset: activation bytes at each batch size (real model, real input size, the recipe's precision),
+    extrapolated to the recipe's batch; and the tokens and expert capacity of the first MoE call. Measured on
+    ``device`` (default: this process's, see ``mthl_ds.device``): the saved tensors everywhere, with and without
+    activation checkpointing, and on CUDA also the allocator's peak over forward and backward, which the plan then
+    uses (without checkpointing)."""
     from mthl_ds.bench.suite import fake_batch
+    from mthl_ds.device import local_device, to_device
     from mthl_ds.models.mthl import build_model
     dtype = DTYPES[precision(recipe)]
-    model = cast_parameters(build_model(recipe), dtype)
+    device = device or local_device()
+    model = cast_parameters(build_model(recipe), dtype).to(device)
     model.backbone.set_grad_checkpointing(False)  # measured plainly; checkpointing's share is derived
     model.train()
     for m in model.modules():  # batch statistics of 1 x 1 pooled features need 2 values per channel; the saved
@@ -117,14 +144,14 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
     routes: list[tuple[int, int]] = []
     hooks = [layer.gate.register_forward_hook(lambda gate, args, out: routes.append((args[0].shape[0], int(out[1]))))
              for layer in model.backbone.moe_layers[:1]]
-    key = "checkpointed" if recipe.model.grad_checkpointing else "plain"
+    kinds = ("plain", "checkpointed") + (("peak",) if device.type == "cuda" else ())
+    key = "checkpointed" if recipe.model.grad_checkpointing else kinds[-1] if device.type == "cuda" else "plain"
     result = {}
     for name, d in recipe.datasets.items():
         row = {"task": d.task, "recipe_batch": d.batch_size, "bytes": {}}
         for size in batch_sizes:
             routes.clear()
-            batch = fake_batch(recipe, name, batch_size=size)
-            batch["image"] = batch["image"].to(dtype)
+            batch = to_device(fake_batch(recipe, name, batch_size=size), device, dtype)
 
             def step():
                 model.set_dataset(name)
@@ -134,7 +161,9 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
             row["bytes"][size] = saved_activation_bytes(model, step)
             if routes and size == batch_sizes[0]:
                 row["tokens_per_moe_call"], row["capacity"] = routes[0]
-        for kind in ("plain", "checkpointed"):
+            if device.type == "cuda":
+                row["bytes"][size]["peak"] = allocator_peak_bytes(model, step, device)
+        for kind in kinds:
             one, two = (row["bytes"][b][kind] for b in batch_sizes[:2])
             per_image = (two - one) / (batch_sizes[1] - batch_sizes[0])
             row[f"{kind}_at_recipe_batch"] = int(one + (d.batch_size - batch_sizes[0]) * per_image)
@@ -167,7 +196,8 @@ def state_bytes(recipe: Recipe, shared: int, experts: int, gpus: int, ep_size: i
         gradients = width * partition + bucket * (2 if zero.get("overlap_comm") else 1)
     else:
         gradients = width * held
-    optimizer = 12 * partition + (4 * held if stage == 0 and width == 2 else 0)
+    index = 4 if stage >= 1 and recipe.train.optimizer == "lamb" else 0  # mthl_ds.optim.PartitionLayout.on
+    optimizer = (12 + index) * partition + (4 * held if stage == 0 and width == 2 else 0)
     return {"weights": int(width * held), "gradients": int(gradients), "optimizer": int(optimizer)}
 
 
@@ -245,4 +275,6 @@ def tensor_bytes(obj, seen: set, skip: set) -> int:
         return sum(tensor_bytes(v, seen, skip) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v, seen, skip) for v in obj)
+    if dataclasses.is_dataclass(obj):  # e.g. LAMB's partition layouts and what they keep on the device
+        return tensor_bytes(vars(obj), seen, skip)
     return 0

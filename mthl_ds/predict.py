@@ -9,13 +9,20 @@ dropped in eval, its result does not depend on the other images of its batch. Re
 classification ``{"top5": [{"label", "name", "score"}]}``; detection ``{"boxes": [[x, y, w, h]], "scores",
 "labels", "category_ids", "names"}`` in the original image's pixels; segmentation ``{"mask": HxW uint8 class
 indices}`` at the original size.
+
+Devices and precision. The model is loaded onto the CPU, then moved to the device named (``device``: ``cpu``,
+``cuda``, ``cuda:N``; default CUDA where there is one, else the CPU). Images are preprocessed on the CPU, batched,
+and each batch is copied to the device (``non_blocking``, from pinned memory on CUDA); the results come back to
+the CPU once per batch. ``precision`` ``bf16`` or ``fp16`` runs the model under ``torch.autocast`` (None or
+``fp32``: plain float32); postprocessing stays in float32. fp16 on the CPU is refused (:func:`autocast_dtype`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,11 +30,39 @@ from PIL import Image, ImageDraw
 
 from mthl_ds.config import DatasetConfig
 from mthl_ds.data.pipelines import eval_preprocess
+from mthl_ds.device import DeviceLike, resolve, to_device
 from mthl_ds.errors import InputError
-from mthl_ds.evaluation import dataset_pipeline
+from mthl_ds.evaluation import dataset_pipeline, detections_to_cpu
 from mthl_ds.models.mthl import MTHLModel
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision`` on ``device`` (None: no autocast, for None and ``fp32``), checked before
+    any work. fp16 on the CPU is refused: CPUs have no fast float16 arithmetic (autocast to float16 would run
+    slower than fp32, where it runs at all); bf16 is allowed there."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: use one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS.get(precision)
+    if dtype is torch.float16 and device.type == "cpu":
+        raise InputError("--precision fp16 on the CPU is refused: CPUs have no fast float16 arithmetic; "
+                         "use fp32 or bf16 on the CPU, fp16 on CUDA")
+    return dtype
+
+
+def masks_to_cpu(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Masks of different sizes on the CPU in one copy for the batch (one host sync, not one per image)."""
+    flat = torch.cat([m.flatten() for m in masks]).cpu()
+    return [part.view(m.shape) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
+
+
+def output_to_cpu(output, task: str):
+    """A head's predictions for a batch on the CPU, in one copy."""
+    if task == "classification":
+        return output.cpu()
+    return detections_to_cpu(output) if task == "detection" else masks_to_cpu(output)
 
 
 def open_image(item: ImageInput) -> Image.Image:
@@ -50,18 +85,27 @@ def open_image(item: ImageInput) -> Image.Image:
 
 
 class Predictor:
-    """A single-device model in eval mode and what each of its datasets needs (task, size, class names)."""
+    """A single-device model in eval mode on ``device`` (default: where the model is), what each of its datasets
+    needs (task, size, class names), and the precision it predicts in (``precision``: see the module docstring)."""
 
-    def __init__(self, model: MTHLModel, datasets: dict[str, dict], label: str = ""):
-        self.model = model.eval()
+    def __init__(self, model: MTHLModel, datasets: dict[str, dict], label: str = "", device: DeviceLike = None,
+                 precision: Optional[str] = None):
+        self.device = next(model.parameters()).device if device is None else resolve(device)
+        self.autocast = autocast_dtype(precision, self.device)
+        self.model = model.eval().to(self.device)
         self.datasets = {n: d for n, d in datasets.items() if n in model.heads}
         self.label = label
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Predictor":
+    def load(cls, path: Union[str, Path], device: DeviceLike = None, precision: Optional[str] = None) -> "Predictor":
+        """An export, a run folder or a checkpoint, loaded onto the CPU, then moved to ``device`` (``cpu``, ``cuda``,
+        ``cuda:N``; default: CUDA where there is one, else the CPU). The device and the precision are checked
+        before the model is read."""
         from mthl_ds.export import load_model
+        device = resolve(device)
+        autocast_dtype(precision, device)
         model, label, datasets = load_model(Path(path))
-        return cls(model, datasets, label)
+        return cls(model, datasets, label, device, precision)
 
     def check_dataset(self, dataset: str) -> dict:
         if dataset not in self.datasets:
@@ -76,8 +120,12 @@ class Predictor:
         return entry["name"] if isinstance(entry, dict) else str(entry)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[ImageInput], dataset: str, batch_size: int = 8) -> list[dict]:
+    def predict(self, images: Sequence[ImageInput], dataset: str, batch_size: int = 8,
+                precision: Optional[str] = None) -> list[dict]:
+        """Results per image (module docstring), ``batch_size`` images per forward. ``precision``: this call's,
+        instead of the predictor's."""
         info = self.check_dataset(dataset)
+        dtype = self.autocast if precision is None else autocast_dtype(precision, self.device)
         opened = [open_image(i) for i in images]  # every input checked before any work
         cfg = dataset_pipeline(DatasetConfig(info["task"], num_classes=info["num_classes"], size=tuple(info["size"])))
         preprocess = eval_preprocess(cfg)
@@ -87,9 +135,14 @@ class Predictor:
         for start in range(0, len(opened), batch_size):
             chunk = opened[start:start + batch_size]
             tensors, scales = zip(*(preprocess(img) for img in chunk))
-            batch = {"image": torch.stack(tensors).to(self.model.dtype), "scale": torch.tensor(scales),
-                     "orig_size": [(img.height, img.width) for img in chunk]}
-            output = head.predict(self.model(batch["image"]), batch)
+            stacked = torch.stack(tensors)
+            if self.device.type == "cuda":
+                stacked = stacked.pin_memory()  # so that the copy is asynchronous
+            batch = {**to_device({"image": stacked}, self.device, self.model.dtype),
+                     "scale": torch.tensor(scales), "orig_size": [(img.height, img.width) for img in chunk]}  # host
+            with torch.autocast(self.device.type, dtype) if dtype is not None else contextlib.nullcontext():
+                output = self.model(batch["image"])
+            output = output_to_cpu(head.predict(output, batch), info["task"])  # float32, outside autocast
             results += [self.result(dataset, info["task"], out) for out in
                         (output if isinstance(output, list) else list(output))]
         return results
@@ -133,10 +186,11 @@ def overlay(img: Image.Image, mask: np.ndarray, num_classes: int) -> Image.Image
 
 
 def run_predict(model_path: Path, dataset: str, images: Sequence[Path], out: Path, batch_size: int = 8,
-                draw_threshold: float = 0.3) -> dict:
+                draw_threshold: float = 0.3, device: DeviceLike = None, precision: Optional[str] = None) -> dict:
     """``mthl-ds predict``: JSON of every result, and for detection the boxes drawn, for segmentation each mask
-    (PNG, original size, class indices) and an overlay. Returns a summary with images/s."""
-    predictor = Predictor.load(model_path)
+    (PNG, original size, class indices) and an overlay. Returns a summary with images/s. ``device`` and
+    ``precision``: as :meth:`Predictor.load`."""
+    predictor = Predictor.load(model_path, device, precision)
     info = predictor.check_dataset(dataset)
     opened = [open_image(p) for p in images]
     start = time.perf_counter()
@@ -160,4 +214,4 @@ def run_predict(model_path: Path, dataset: str, images: Sequence[Path], out: Pat
                 for r in records for b, s, c in zip(r["boxes"], r["scores"], r["category_ids"])]
         (out / "detections.json").write_text(json.dumps(coco) + "\n")
     return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / max(seconds, 1e-9),
-            "out": str(out)}
+            "out": str(out), "device": str(predictor.device)}

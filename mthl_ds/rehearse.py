@@ -1,11 +1,12 @@
-"""``mthl-ds rehearse RECIPE``: the paper's run at its real shapes and precision on N CPU ranks, reduced only in
-batch and steps, so the first time the real job meets its shapes is not on the cluster.
+"""``mthl-ds rehearse RECIPE``: the paper's run at its real shapes and precision on N ranks (one per GPU where CUDA
+is, else CPU ranks), reduced only in batch and steps, so the first time the real job meets its shapes is not on the
+cluster.
 
     DIR/world/    ImageNet, COCO and ADE20K at their real resolutions and label spaces (synth.write_real_size_world)
     DIR/shards/   their shards, made by the same converters as real data
-    DIR/run/      the recipe's real model under the deepspeed launcher (ZeRO as configured, LAMB, fp16 through
-                  train --cpu-fp16): every dataset in turn, a checkpoint, a second launch that resumes from it for
-                  one more step, an evaluation at the end of each launch
+    DIR/run/      the recipe's real model under the deepspeed launcher (ZeRO as configured, LAMB; fp16 on CPU ranks
+                  through train --cpu-fp16): every dataset in turn, a checkpoint, a second launch that resumes from
+                  it for one more step, an evaluation at the end of each launch
     DIR/dense/    the dense twin (MTHL.D) at the same shapes, for the step-time ratio
     DIR/model.safetensors, DIR/rehearsal.json, DIR/rehearsal.md
 
@@ -33,10 +34,13 @@ class RehearsalError(RuntimeError):
 
 
 def launch(recipe: str, run_dir: Path, overrides: list[str], ranks: int, precision: str, phase: str) -> None:
-    """``mthl_ds.train`` (with ``--cpu-fp16`` for fp16) on ``ranks`` CPU ranks under the deepspeed launcher."""
+    """``mthl_ds.train`` on ``ranks`` ranks under the deepspeed launcher: GPUs where CUDA is, else CPU ranks (fp16
+    there through ``--cpu-fp16``)."""
+    import torch
     from mthl_ds.engine import free_port, launcher_free_env
+    cpu_fp16 = precision == "fp16" and not torch.cuda.is_available()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "mthl_ds.train", *(["--cpu-fp16"] if precision == "fp16" else []),
+           str(free_port()), "--module", "mthl_ds.train", *(["--cpu-fp16"] if cpu_fp16 else []),
            "--recipe", recipe, "--out", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
@@ -76,6 +80,15 @@ def forward_flops(recipe: Recipe) -> dict[str, int]:
     return flops
 
 
+def rank_batch(recipe: Recipe, name: str, batch_size: int, ranks: int) -> int:
+    """The per-rank training batch of ``name``: ``batch_size``, but for segmentation at least what gives UperNet's
+    synchronised BatchNorm two images over all ranks (its pyramid pooling normalises 1 x 1 features: one image
+    has one value per channel, which BatchNorm refuses in training)."""
+    if recipe.datasets[name].task == "segmentation":
+        return max(batch_size, math.ceil(2 / ranks))
+    return batch_size
+
+
 def dense_twin_overrides(recipe: Recipe) -> list[str]:
     return ["model.moe=null"] + (["train.aes=null"] if recipe.train.aes is not None else [])
 
@@ -83,6 +96,7 @@ def dense_twin_overrides(recipe: Recipe) -> list[str]:
 def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16", steps: int = 0,
              batch_size: int = 1, overrides: tuple[str, ...] = (), dense: bool = True, progress=print) -> dict:
     """Run the rehearsal (module docstring) and return its figures; writes DIR/rehearsal.{json,md}."""
+    import torch
     from mthl_ds.data.synth import write_real_size_shards
     from mthl_ds.export import export_run, load_export
     from mthl_ds.memory import capacity_at, plan_recipe, state_bytes
@@ -100,7 +114,8 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
                 f"train.data_root={shards}", "train.workers=1", f"train.dataset_cycle=[{','.join(names)}]",
                 "train.log_every=1", "train.eval_every=0", "train.keep_checkpoints=1"]  # disk: a real-size checkpoint is GBs
     for n in names:
-        settings += [f"datasets.{n}.batch_size={batch_size}", f"datasets.{n}.eval_batch_size={batch_size}"]
+        settings += [f"datasets.{n}.batch_size={rank_batch(paper, n, batch_size, ranks)}",
+                     f"datasets.{n}.eval_batch_size={batch_size}"]
     recipe = load_recipe(recipe_name, settings + [f"train.steps={steps + 1}"])  # refused here, before any launch
     progress(f"rehearse {recipe_name}: {ranks} ranks, {precision}, ep_size {ep}, batch {batch_size} per rank, "
              f"{steps} steps, then one more after a resume; data ready in {time.time() - start:.0f} s")
@@ -132,7 +147,8 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
         seconds = min(r["seconds"] for r in rows if r["dataset"] == name and "seconds" in r)
         dense_s = min((r["seconds"] for r in dense_rows if r["dataset"] == name and "seconds" in r), default=None)
         per_image = plan["activations"][name].get("tokens_per_moe_call")  # measured at batch 1
-        tokens, tokens_paper = (per_image * batch_size, per_image * paper.datasets[name].batch_size) if per_image \
+        tokens, tokens_paper = (per_image * recipe.datasets[name].batch_size,
+                                per_image * paper.datasets[name].batch_size) if per_image \
             else (None, None)
         datasets[name] = {
             "task": recipe.datasets[name].task, "input": list(input_shape(recipe, name)), "step_s": seconds,
@@ -141,9 +157,11 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
             "capacity": capacity_at(recipe, name, tokens) if tokens else None, "tokens_at_recipe_batch": tokens_paper,
             "capacity_at_recipe_batch": capacity_at(paper, name, tokens_paper) if tokens else None,
             "metric": final[name]["metric"], "value": final[name]["value"]}
-    result = {"recipe": recipe_name, "ranks": ranks, "precision": precision, "ep_size": ep, "batch_per_rank": batch_size,
+    result = {"recipe": recipe_name, "ranks": ranks, "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "precision": precision, "ep_size": ep, "batch_per_rank": batch_size,
               "steps": steps + 1, "wall_s": time.time() - start, "datasets": datasets,
               "peak_rss_bytes": [r["peak_rss_bytes"] for r in resumed],
+              "peak_gpu_bytes": [r.get("peak_gpu_bytes") for r in resumed],
               "engine_states": {"measured": measured_states, "planned": planned_states},
               "skipped_steps": [r["step"] for r in step_rows(run_dir) if r.get("skipped")],
               "export": str(export), "memory_plan": plan}
@@ -158,10 +176,13 @@ def format_report(result: dict) -> str:
     from mthl_ds.memory import GIB, format_plan
     f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     lines = [f"# Rehearsal: {result['recipe']}", "",
-             f"{result['ranks']} CPU ranks, {result['precision']}, ep_size {result['ep_size']}, batch "
+             f"{result['ranks']} {result.get('device', 'cpu').upper()} ranks, {result['precision']}, "
+             f"ep_size {result['ep_size']}, batch "
              f"{result['batch_per_rank']} per rank, {result['steps']} steps (checkpoint, resume, export, evaluation) "
              f"in {result['wall_s']:.0f} s; peak RSS per rank "
-             + ", ".join(f"{b / GIB:.2f}" for b in result["peak_rss_bytes"]) + " GiB; steps skipped "
+             + ", ".join(f"{b / GIB:.2f}" for b in result["peak_rss_bytes"]) + " GiB"
+             + ("; peak GPU memory allocated per rank " + ", ".join(f"{b / GIB:.2f}" for b in result["peak_gpu_bytes"])
+                + " GiB" if all(result.get("peak_gpu_bytes") or [None]) else "") + "; steps skipped "
              f"{result['skipped_steps'] or 'none'}", "",
              "| dataset | input | step s | MTHL.D step s | ratio | FLOPs ratio | tokens / MoE call, rank batch (recipe "
              "batch) | expert capacity (recipe batch) |", "|---|---|---|---|---|---|---|---|"]

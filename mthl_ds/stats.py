@@ -7,7 +7,10 @@
 * gradient conflict (AdaMV-MoE Fig. 7): cosine similarity of two datasets' loss gradients on shared parameters;
 * patch-level expert maps (AdaMV-MoE Fig. 3): each patch's top-1 / top-2 experts drawn over the image.
 
-"Layers" are the model's gates in order: its MoE MLPs, then its MoE attention layers (if any)."""
+"Layers" are the model's gates in order: its MoE MLPs, then its MoE attention layers (if any).
+
+The model computes on its own device (``mthl-ds stats --device``): each batch is read on the CPU and copied there;
+the routing records come back to the CPU, where the statistics are counted."""
 from __future__ import annotations
 
 import json
@@ -26,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mthl_ds.data.pipelines import MEAN, STD, PipelineConfig, eval_loader, make_decoder  # noqa: E402
 from mthl_ds.data.reader import ShardSet  # noqa: E402
+from mthl_ds.device import to_device  # noqa: E402
 from mthl_ds.models.mthl import MTHLModel  # noqa: E402
 from mthl_ds.report import plot_usage  # noqa: E402
 
@@ -77,6 +81,16 @@ class RouteRecorder:
             h.remove()
 
 
+def on_model(model: MTHLModel, batch: dict) -> dict:
+    """``batch`` with its tensors on the model's device and its image in the model's dtype (non_blocking copies)."""
+    return to_device(batch, next(model.parameters()).device, model.dtype)
+
+
+def model_input(model: MTHLModel, batch: dict) -> torch.Tensor:
+    """The batch's image on the model's device, in its dtype."""
+    return on_model(model, {"image": batch["image"]})["image"]
+
+
 def chosen_mask(ranked: torch.Tensor, num_experts: int) -> torch.Tensor:
     chosen = torch.zeros(ranked.shape[0], num_experts, dtype=torch.bool)
     return chosen.scatter_(1, ranked.clamp(min=0), ranked >= 0)
@@ -116,7 +130,7 @@ def routing_statistics(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[
                 chosen = {}
                 for router in routers:
                     model.set_dataset(router)
-                    model.backbone(batch["image"])
+                    model.backbone(model_input(model, batch))
                     chosen[router] = recorder.take()
                 for li in range(len(gates)):
                     masks = torch.stack([chosen[r][li] for r in routers]).float()  # (R, tokens, E)
@@ -153,7 +167,7 @@ def routing_decisions(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[s
             model.set_dataset(name)
             batches = []
             for batch in images_of(shard_set, sizes[name], batch_size, max_images):
-                model.backbone(batch["image"])
+                model.backbone(model_input(model, batch))
                 batches.append(recorder.take())
             decisions[name] = [torch.cat(per_gate) for per_gate in zip(*batches)]
     return decisions
@@ -269,6 +283,7 @@ def gradient_cosine(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[str
         grads = []
         for name, batch in zip(data, (first, second)):
             model.set_dataset(name)
+            batch = on_model(model, batch)
             loss = model.heads[name].loss(model(batch["image"]), batch)[0]
             got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(got, params.values())])
@@ -329,7 +344,7 @@ def expert_maps(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[str, tu
         for name, shard_set in data.items():
             model.set_dataset(name)
             for batch in images_of(shard_set, sizes[name], count, count):
-                model.backbone(batch["image"])
+                model.backbone(model_input(model, batch))
                 ranked = recorder.take_ranked()[layer]
                 per_image = ranked.view(len(batch["image"]), -1, ranked.shape[1])
                 prefix = getattr(model.backbone.net, "num_prefix_tokens", 0)

@@ -27,16 +27,18 @@ from tqdm import tqdm
 
 from mthl_ds import checkpoint, cpu_half, surgery
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
+from mthl_ds.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, barrier, world
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
-from mthl_ds.engine import (all_gather_objects, all_reduce_mean, all_reduce_sum, barrier, build_engine, ep_rank,
-                             init_distributed, world)
+from mthl_ds.device import local_device, pin_memory, to_device
+from mthl_ds.engine import build_engine, ep_rank, init_distributed
 from mthl_ds.evaluation import evaluate, pipeline_config
 from mthl_ds.memory import engine_state_bytes
 from mthl_ds.models.adapted import build_run_model, resolve_source
+from mthl_ds.optim import Lamb
 
 log = logging.getLogger("mthl_ds.train")
 
@@ -103,10 +105,45 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (a collective and a host read: called at logged steps only)."""
         requested = self.requested or self.stop_file.exists()
-        flag = all_reduce_sum(torch.tensor([1.0 if requested else 0.0]))
+        flag = all_reduce_sum(torch.tensor([1.0 if requested else 0.0], device=device))
         return bool(flag.item() > 0)
+
+
+def use_deterministic_kernels() -> None:
+    """``train.deterministic``: torch's deterministic kernels where it has them (index_add, scatter_add, convolutions,
+    cuBLAS with a fixed workspace), a warning naming each op that has none (on CUDA: bilinear upsampling's and
+    adaptive average pooling's backward, which UperNet uses), and no cuDNN autotuning. The cuBLAS setting takes
+    effect only if this process has not used cuBLAS yet."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def lamb_of(engine) -> Optional[Lamb]:
+    """The engine's :class:`Lamb` (inside DeepSpeed's ZeRO or mixed-precision wrapper), or None."""
+    optimizer = engine.optimizer
+    while optimizer is not None and not isinstance(optimizer, Lamb):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+def resolved(records: list[dict]) -> list[dict]:
+    """``records`` with every tensor value read into Python numbers (lists for tensors of more than one value),
+    in one host sync."""
+    leaves = [(i, k, v) for i, r in enumerate(records) for k, v in r.items() if isinstance(v, torch.Tensor)]
+    if not leaves:
+        return records
+    values = torch.cat([v.detach().reshape(-1).double() for _, _, v in leaves]).tolist()
+    out = [dict(r) for r in records]
+    cursor = 0
+    for i, key, tensor in leaves:
+        n = tensor.numel()
+        out[i][key] = values[cursor] if tensor.dim() == 0 else values[cursor:cursor + n]
+        cursor += n
+    return out
 
 
 def logged_by(row: dict, steps_done: int) -> bool:
@@ -119,13 +156,19 @@ def logged_by(row: dict, steps_done: int) -> bool:
 
 class Trainer:
     """Top-down: :meth:`setup`, then :meth:`train_step` until done, :meth:`save` every ``ckpt_every`` steps,
-    :meth:`evaluate` at the end (and every ``eval_every`` steps), then the report."""
+    :meth:`evaluate` at the end (and every ``eval_every`` steps), then the report.
+
+    A step leaves its figures on the device: :meth:`flush` reads every step's since the last in one host sync,
+    every ``log_every`` steps and before a checkpoint, an evaluation or the end; it writes the metrics, warns
+    of skipped steps and applies ``train.nonfinite``. The stop request is agreed on at the same points."""
 
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.stop = StopFlag(self.run_dir / "STOP")
         self.history: list[dict] = []
+        self.pending: list[dict] = []  # steps run since the last flush, their figures still on the device
+        self.window_start = time.perf_counter()
         self.stopped_early = False
 
     # ---- set-up
@@ -136,6 +179,9 @@ class Trainer:
         resume_tag = checkpoint.check_resume(self.ckpt_dir, r)
         init_distributed(r.train.collective_timeout_s)
         self.rank, self.world = world()
+        self.device = local_device()
+        if r.train.deterministic:
+            use_deterministic_kernels()
         self.selection, self.heldout = None, {}
         if r.train.aes is not None:  # AdaMV-MoE: K per dataset from held-out losses; the held-out samples never train
             self.selection = AdaptiveTopK(r.top_k_per_dataset(), r.model.moe.num_experts, r.train.aes.patience)
@@ -145,15 +191,7 @@ class Trainer:
         saved = checkpoint.rank_state(self.ckpt_dir, resume_tag, self.rank, self.world) if resume_tag else None
         self.start_loaders(saved["loaders"] if saved else {})
         torch.manual_seed(r.train.seed)
-        model = build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size))
-        self.engine, self.optimizer, self.scheduler = build_engine(model, r)
-        self.model = self.engine.module
-        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed,
-                                      r.train.dataset_cycle)
-        self.step = 0
-        layers = self.model.backbone.moe_layers
-        widest = max((layer.num_experts for layer in layers), default=0)
-        self.usage = {n: torch.zeros(len(layers), widest) for n in r.datasets} if layers else {}
+        self.build(build_run_model(r, r.train.ep_size, ep_rank(r.train.ep_size)))
         if resume_tag:
             self.load(resume_tag, saved)
         self.record_launch()
@@ -164,6 +202,22 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.stop.install()
 
+    def build(self, model: torch.nn.Module) -> None:
+        """What a step needs besides data: the engine around ``model``, the sampler, the usage counters. (The
+        benchmark builds a trainer with this alone and feeds it batches from memory.)"""
+        r = self.recipe
+        self.rank, self.world = world()
+        self.device = local_device()
+        self.engine, self.optimizer, self.scheduler = build_engine(model, r)
+        self.model = self.engine.module
+        self.lamb = lamb_of(self.engine)
+        self.sampler = TwoStepSampler({n: d.sample_weight for n, d in r.datasets.items()}, r.train.seed,
+                                      r.train.dataset_cycle)
+        self.step = 0
+        layers = self.model.backbone.moe_layers
+        widest = max((layer.num_experts for layer in layers), default=0)
+        self.usage = {n: torch.zeros(len(layers), widest, device=self.device) for n in r.datasets} if layers else {}
+
     def start_loaders(self, states: dict) -> None:
         """Build the training loaders and fork their workers now, before the model exists. A worker forked later
         shares the rank's pages copy-on-write, and each page the optimizer writes afterwards is copied: at the
@@ -172,7 +226,7 @@ class Trainer:
         r = self.recipe
         self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
                                          d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
-                                         state=states.get(n), exclude=self.heldout.get(n))
+                                         state=states.get(n), exclude=self.heldout.get(n), pin_memory=pin_memory())
                         for n, d in r.datasets.items()}
         for loader in self.loaders.values():
             loader.start()
@@ -194,6 +248,8 @@ class Trainer:
         info = json.loads(path.read_text())
         info.update(end_step=self.step, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     engine_state_bytes=engine_state_bytes(self.engine))
+        if self.device.type == "cuda":
+            info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         path.write_text(json.dumps(info, indent=1) + "\n")
 
     def open_metrics(self):
@@ -207,30 +263,36 @@ class Trainer:
 
     # ---- one step
     def train_step(self, step: int) -> dict:
-        """One step of one dataset. A step whose update is thrown away (a non-finite loss on any rank, or an fp16
-        gradient overflow, after which DeepSpeed lowers the loss scale and leaves weights and optimizer state as
-        they were) is skipped as a whole and still counts as a step: the LR schedule stays on the trainer's step
-        (DeepSpeed alone would hold it back on an overflow), AES counts it in its patience, and the routing it
-        measured neither moves ``B(D, E)`` nor the expert-usage counters, since no update followed from it.
-        ``B(D, E)`` is folded only after the update, so a recomputed block (activation checkpointing) sees the
-        buffer its forward saw."""
+        """One step of one dataset; returns its record, whose figures stay on the device until :meth:`flush`.
+
+        A step whose update is thrown away is skipped as a whole and still counts as a step: the LR schedule stays
+        on the trainer's step, AES counts it in its patience, and the routing it measured neither moves
+        ``B(D, E)`` nor the expert-usage counters. Two kinds: an fp16 gradient overflow, which DeepSpeed finds on
+        the host (it lowers the loss scale and leaves weights and optimizer state as they were); and a non-finite
+        loss on any rank, agreed on by a collective and applied on the device (:class:`mthl_ds.optim.Lamb`'s
+        ``apply_mask``), with no host sync, so the trainer learns of it at the next flush. ``B(D, E)`` is folded
+        only after the update, so a recomputed block (activation checkpointing) sees the buffer its forward saw."""
         start = time.perf_counter()
         r = self.recipe
         name = self.sampler.dataset_at(step)
-        batch = next(self.loaders[name])
+        batch = to_device(next(self.loaders[name]), self.device, self.model.dtype)
         self.model.set_dataset(name)
-        output = self.engine(batch["image"].to(self.model.dtype))
+        output = self.engine(batch["image"])
         task_loss, parts = self.model.heads[name].loss(output, batch, reduce_mean=all_reduce_mean)
         router_loss = self.model.backbone.router_loss()
         loss = r.datasets[name].loss_weight * task_loss + router_loss
-        record = {"step": step, "dataset": name, "loss": float(task_loss.detach()), **parts,
+        nonfinite = self.nonfinite_ranks(loss)
+        applied = nonfinite.sum() == 0
+        record = {"step": step, "dataset": name, "loss": task_loss.detach(), **parts,
                   **{f"router/{k}": v for k, v in self.model.backbone.router_loss_terms().items()},
-                  "lr": self.scheduler.get_last_lr()[0]}
+                  "lr": self.scheduler.get_last_lr()[0], "nonfinite_ranks": nonfinite}
         if self.engine.fp16_enabled():
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         if step % r.train.log_every == 0 and self.model.backbone.gates:
             record["mi"] = self.model.backbone.routing_mi()
-        if not self.all_finite(loss, step, name):
+        if self.lamb is not None:
+            self.lamb.apply_mask = applied
+        elif not bool(applied):  # another optimizer cannot skip on the device: one host sync per step
             return self.skipped(record, name, "non-finite loss", start)
         self.engine.backward(loss)
         self.engine.step()
@@ -240,37 +302,54 @@ class Trainer:
                             "update; the loss scale is now %s", step, name, record["loss_scale"],
                             self.engine.optimizer.loss_scale)
             return self.skipped(record, name, "gradient overflow", start)
-        self.model.backbone.update_routing_buffers(all_reduce_mean)
+        self.model.backbone.update_routing_buffers(all_reduce_mean, applied)
         for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
-            gate_usage[:layer.num_experts] += layer.gate.counts.float()
-        return self.timed(record, name, start)
-
-    def timed(self, record: dict, name: str, start: float) -> dict:
-        seconds = time.perf_counter() - start
-        return {**record, "seconds": seconds,
-                "images_per_s": self.recipe.datasets[name].batch_size * self.world / seconds}
+            gate_usage[:layer.num_experts] += layer.gate.counts.float() * applied
+        return {**record, "host_seconds": time.perf_counter() - start}
 
     def skipped(self, record: dict, name: str, reason: str, start: float) -> dict:
         with warnings.catch_warnings():  # PyTorch warns when the schedule moves before any optimizer step
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()  # keep the schedule on the global step
         self.model.backbone.discard_routing_statistics()
-        return self.timed({**record, "skipped": True, "skip_reason": reason}, name, start)
+        return {**record, "skipped": True, "skip_reason": reason, "host_seconds": time.perf_counter() - start}
 
-    def all_finite(self, loss: torch.Tensor, step: int, name: str) -> bool:
-        """Every rank learns at the same step whether any rank's loss is not finite."""
-        flags = torch.zeros(self.world)
-        flags[self.rank] = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
-        flags = all_reduce_sum(flags)
-        if flags.sum() == 0:
-            return True
-        ranks = [i for i, f in enumerate(flags.tolist()) if f]
-        message = f"non-finite loss at step {step} on dataset {name!r} (rank(s) {ranks})"
-        if self.recipe.train.nonfinite == "stop":
-            raise NonFiniteLoss(message + "; stopping every rank (train.nonfinite=stop)")
+    def nonfinite_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """(world,) on the device, 1 at each rank whose loss is not finite, the same on every rank."""
+        flags = torch.zeros(self.world, device=loss.device)
+        flags[self.rank] = (~torch.isfinite(loss.detach())).any().float()
+        return all_reduce_(flags)
+
+    def flush(self) -> None:
+        """Read the figures of the steps since the last flush (one host sync), time them, act on non-finite
+        losses (``train.nonfinite``) and, on rank 0, log them."""
+        if not self.pending:
+            return
+        records, self.pending = resolved(self.pending), []
+        now = time.perf_counter()
+        window, host = now - self.window_start, sum(r["host_seconds"] for r in records)
+        self.window_start = now
+        for record in records:
+            # the window's wall time shared by the steps' host times: exact for one step, and on the CPU
+            seconds = window * record.pop("host_seconds") / max(host, 1e-9)
+            record.update(seconds=seconds, images_per_s=self.recipe.datasets[record["dataset"]].batch_size
+                          * self.world / seconds)
+            ranks = [i for i, flag in enumerate(record.pop("nonfinite_ranks")) if flag]
+            if ranks:
+                message = f"non-finite loss at step {record['step']} on dataset {record['dataset']!r} (rank(s) {ranks})"
+                if self.recipe.train.nonfinite == "stop":
+                    raise NonFiniteLoss(message + "; stopping every rank (train.nonfinite=stop)")
+                if self.rank == 0:
+                    log.warning("%s; every rank skipped this step", message)
+                record.update(skipped=True, skip_reason="non-finite loss")
+            if self.rank == 0:
+                self.log_step(record)
         if self.rank == 0:
-            log.warning("%s; every rank skips this step", message)
-        return False
+            self.metrics_file.flush()
+            last = records[-1]
+            self.bar.set_postfix_str(f"{last['dataset']} loss {last['loss']:.3f} lr {last['lr']:.2e} "
+                                     f"{last['images_per_s']:.0f} img/s", refresh=False)
+            self.bar.update(len(records))
 
     # ---- adaptive expert selection (AdaMV-MoE)
     def select_top_k(self) -> list[dict]:
@@ -282,7 +361,7 @@ class Trainer:
         for change in changes:
             if change["k_to"] != change["k_from"]:
                 surgery.apply(self.model, [{"op": "set_top_k", "name": change["dataset"], "k": change["k_to"]}])
-        top_k = torch.tensor(list(self.selection.top_k.values()), dtype=torch.float64)
+        top_k = torch.tensor(list(self.selection.top_k.values()), dtype=torch.float64, device=self.device)
         if not torch.equal(all_reduce_sum(top_k), top_k * self.world):
             raise RuntimeError(f"step {self.step}: ranks disagree on K after an AES check (this rank: "
                                f"{self.selection.top_k})")
@@ -309,11 +388,11 @@ class Trainer:
             for batch in loader:  # every rank reads the same number of (padded) batches
                 if aes.max_batches and len(losses) == aes.max_batches:
                     break
-                images = batch["image"].to(self.model.dtype)
-                losses.append(float(self.model.heads[name].loss(self.engine(images), batch)[0]))
-            means.append(sum(losses) / len(losses))
+                batch = to_device(batch, self.device, self.model.dtype)
+                losses.append(self.model.heads[name].loss(self.engine(batch["image"]), batch)[0].double())
+            means.append(torch.stack(losses).mean())
         self.engine.train()
-        return dict(zip(names, all_reduce_mean(torch.tensor(means, dtype=torch.float64)).tolist()))
+        return dict(zip(names, all_reduce_mean(torch.stack(means)).tolist()))
 
     # ---- evaluation
     def evaluate(self) -> dict:
@@ -321,7 +400,8 @@ class Trainer:
         and the training loaders' threads exist, once hung a rank (seen in CI, zero2 resume test)."""
         self.engine.eval()
         results = evaluate(self.engine, self.model, self.recipe.datasets, {n: v for n, (_, v) in self.sets.items()},
-                           self.rank, self.world, workers=0, reduce_sum=all_reduce_sum, gather=all_gather_objects)
+                           self.rank, self.world, workers=0, reduce_sum=all_reduce_sum, gather=all_gather_objects,
+                           device=self.device)
         self.engine.train()
         return results
 
@@ -336,7 +416,7 @@ class Trainer:
         """The engine, RNG states, routing usage and AES state from ``state`` (this rank's saved one); the loaders
         took their positions at start."""
         self.step = checkpoint.load(self.engine, self.ckpt_dir, tag, self.model, state)
-        self.usage = state["usage"]
+        self.usage = {n: u.to(self.device) for n, u in state["usage"].items()}
         if self.selection is not None:
             self.selection.load_state_dict(state["aes"])
         if self.rank == 0:
@@ -346,8 +426,6 @@ class Trainer:
     def log_step(self, record: dict) -> None:
         self.history.append(record)
         self.metrics_file.write(json.dumps(record) + "\n")
-        if record["step"] % self.recipe.train.log_every == 0:
-            self.metrics_file.flush()
         for key, value in record.items():
             if isinstance(value, float):
                 self.tb.add_scalar(f"{record['dataset']}/{key}" if "/" not in key else key, value, record["step"])
@@ -357,37 +435,39 @@ class Trainer:
     def run(self) -> Optional[dict]:
         self.setup()
         t = self.recipe.train
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
         saved_at = self.step
+        self.window_start = time.perf_counter()
         while self.step < t.steps:
-            record = self.train_step(self.step)
+            self.pending.append(self.train_step(self.step))
             self.step += 1
-            if self.rank == 0:
-                self.log_step(record)
-                bar.set_postfix_str(f"{record['dataset']} loss {record['loss']:.3f} lr {record['lr']:.2e} "
-                                    f"{record.get('images_per_s', 0):.0f} img/s", refresh=False)
-                bar.update(1)
             if self.selection is not None and not self.selection.done and self.step % t.aes.every == 0:
+                self.flush()
                 self.select_top_k()
             if t.ckpt_every and self.step % t.ckpt_every == 0:
+                self.flush()
                 self.save()
                 saved_at = self.step
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.flush()
                 self.log_eval(self.evaluate())
-            if self.stop.agreed():
-                if saved_at != self.step:
-                    self.save()
-                bar.close()  # every rank says so: a multi-node job's node logs show where each node stopped
-                log.warning("rank %d on %s: stop requested, checkpoint saved at step %d", self.rank,
-                            os.uname().nodename, self.step)
-                self.stopped_early = True
-                self.record_exit()
-                return None
-        bar.close()
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.flush()
+                if self.stop.agreed(self.device):
+                    if saved_at != self.step:
+                        self.save()
+                    self.bar.close()  # every rank says so: a multi-node job's node logs show where each node stopped
+                    log.warning("rank %d on %s: stop requested, checkpoint saved at step %d", self.rank,
+                                os.uname().nodename, self.step)
+                    self.stopped_early = True
+                    self.record_exit()
+                    return None
+        self.flush()
+        self.bar.close()
         if saved_at != self.step:
             self.save()
         results = self.evaluate()
-        self.usage = {n: all_reduce_sum(u) for n, u in self.usage.items()}
+        self.usage = {n: all_reduce_sum(u).cpu() for n, u in self.usage.items()}
         if self.rank == 0:
             self.finish(results)
         self.record_exit()

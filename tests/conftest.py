@@ -4,12 +4,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mthl_ds.engine import free_port  # noqa: F401  (tests import it from here)
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+from mthl_ds.engine import free_port  # noqa: E402,F401  (tests import it from here)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests are collected everywhere and skipped, with the reason, where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def run_ranks(worker: str, nprocs: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ from workers.eval_ranks import EVAL_OVERRIDES, fixed_images, head_outputs, prepa
 
 from mthl_ds.config import load_recipe
 from mthl_ds.data.reader import ShardSet
+from mthl_ds.data.pipelines import IGNORE_INDEX
 from mthl_ds.evaluation import DetectionEvaluator, SegmentationEvaluator
 from mthl_ds.models.mthl import build_model
 from mthl_ds.evaluation import evaluate
@@ -75,6 +76,43 @@ def test_segmentation_metrics_by_hand():
     acc = [1 / 2, 3 / 3, 1 / 2]
     assert m["mIoU"] == pytest.approx(100 * np.mean(iou)) and m["mAcc"] == pytest.approx(100 * np.mean(acc))
     assert m["aAcc"] == pytest.approx(100 * 5 / 7) and m["pixels"] == 7
+
+
+def bincount_confusion(targets, predictions, valid, num_classes: int) -> torch.Tensor:
+    """The confusion matrix as evaluation built it before it moved to the device: per valid image, a bincount of
+    the kept pixels (boolean-mask indexing), reshaped."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for target, pred, ok in zip(targets, predictions, valid.tolist()):
+        if ok:
+            keep = target != IGNORE_INDEX
+            confusion += torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).reshape(
+                num_classes, num_classes).double()
+    return confusion
+
+
+def test_confusion_by_index_add_equals_bincount_with_ignored_pixels_and_padding():
+    """The flat index_add confusion (static shapes, for CUDA) equals the bincount one exactly, on random masks with
+    ~20% ignored pixels and a padding sample, at the canvas scale (a batch tensor) and at original sizes (a list of
+    masks of different sizes); the metrics computed from it are then the same."""
+    gen = torch.Generator().manual_seed(0)
+    num_classes = 7
+    for step in range(3):
+        targets = torch.randint(0, num_classes, (4, 23, 31), generator=gen)
+        targets[torch.rand(targets.shape, generator=gen) < 0.2] = IGNORE_INDEX
+        predictions = torch.randint(0, num_classes, (4, 23, 31), generator=gen)
+        valid = torch.tensor([True, False, True, True])
+        canvas = SegmentationEvaluator(num_classes)
+        canvas.update(predictions, {"mask": targets, "valid": valid})
+        sizes = [(23, 31), (5, 9), (17, 2), (1, 1)]
+        originals = [t[:h, :w] for t, (h, w) in zip(targets, sizes)]
+        cropped = [p[:h, :w] for p, (h, w) in zip(predictions, sizes)]
+        original = SegmentationEvaluator(num_classes)
+        original.update(cropped, {"mask_original": originals, "valid": valid})
+        assert torch.equal(canvas.confusion, bincount_confusion(targets, predictions, valid, num_classes))
+        assert torch.equal(original.confusion, bincount_confusion(originals, cropped, valid, num_classes))
+        assert canvas.confusion.sum() > 0 and canvas.counts.sum() == targets.numel()  # the rest: the unread cell
+        result = canvas.result(lambda t: t, lambda x: [x])
+        assert result == SegmentationEvaluator.metrics(bincount_confusion(targets, predictions, valid, num_classes))
 
 
 def test_two_rank_evaluation_equals_one_rank_at_any_eval_batch(shards, tmp_path):

@@ -76,13 +76,14 @@ def test_detection_loss_is_mmdet_normalised_and_the_same_for_any_split_over_rank
             l1 += float((output["bbox_regression"][i][positive] - targets).abs().sum())
         focal += float(sigmoid_focal_loss(output["cls_logits"][i][keep], labels[keep], reduction="sum"))
         count += max(int(positive.sum()), 1)
-    assert parts["positives"] == count
-    assert parts["focal"] == pytest.approx(focal / count, rel=1e-5) and parts["l1"] == pytest.approx(l1 / count, rel=1e-5)
+    assert float(parts["positives"]) == count
+    assert float(parts["focal"]) == pytest.approx(focal / count, rel=1e-5)
+    assert float(parts["l1"]) == pytest.approx(l1 / count, rel=1e-5)
     halves = [{k: v[r * 2:(r + 1) * 2] for k, v in batch.items()} for r in (0, 1)]
     outputs = [{k: ([t[r * 2:(r + 1) * 2] for t in v] if k == "pyramid" else v[r * 2:(r + 1) * 2])
                 for k, v in output.items()} for r in (0, 1)]
     counts = [head.loss(o, h)[1]["positives"] for o, h in zip(outputs, halves)]
-    mean = lambda t: torch.tensor(sum(counts) / 2.0)  # noqa: E731  what all_reduce_mean gives each rank
+    mean = lambda t: sum(counts) / 2.0  # noqa: E731  what all_reduce_mean gives each rank
     split = [head.loss(o, h, reduce_mean=mean)[0] for o, h in zip(outputs, halves)]
     assert float(sum(split) / 2) == pytest.approx(float(loss), rel=1e-5)
 
@@ -115,7 +116,7 @@ def lamb_detection_run(shards, skip_idle: bool, warm: int = 20, idle: int = 12, 
         optimizer.step()
         schedule.step()
         if name == "coco":
-            focal.append(parts["focal"])
+            focal.append(float(parts["focal"]))
     return focal
 
 

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from mthl_ds.config import load_recipe
 from mthl_ds.engine import launcher_free_env
 
 
@@ -81,3 +82,12 @@ def test_vit_companion_bf16_at_the_papers_shapes(vit):
     check_run(out, result, experts=16)
     assert result["precision"] == "bf16" and result["skipped_steps"] == []
     assert result["datasets"]["coco"]["tokens_per_moe_call"] == 50 * 84 + 1  # patches and the class token
+
+
+def test_one_rank_trains_segmentation_with_two_images():
+    """UperNet's pyramid pooling normalises 1 x 1 features: on one rank a segmentation batch needs two images
+    (BatchNorm refuses one value per channel in training); other datasets keep the batch asked for."""
+    from mthl_ds.rehearse import rank_batch
+    recipe = load_recipe("mthl_swin_t")
+    assert [rank_batch(recipe, "ade20k", 1, ranks) for ranks in (1, 2, 4)] == [2, 1, 1]
+    assert rank_batch(recipe, "imagenet", 1, 1) == 1 and rank_batch(recipe, "ade20k", 3, 1) == 3

@@ -7,8 +7,15 @@ from typing import Callable
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Seconds of ``fn()``; where CUDA is available, from a synchronised start to the end of its GPU work."""
+    import torch
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

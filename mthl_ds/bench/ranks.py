@@ -15,7 +15,8 @@ import torch
 from mthl_ds.bench.common import side_by_side
 from mthl_ds.bench.suite import fake_batch, step_loss
 from mthl_ds.config import load_recipe
-from mthl_ds.engine import all_reduce_mean, build_engine, ep_rank, init_distributed, world
+from mthl_ds.collectives import all_gather, all_reduce_mean, world
+from mthl_ds.engine import build_engine, ep_rank, init_distributed
 from mthl_ds.memory import tensor_bytes
 from mthl_ds.models.mthl import build_model
 
@@ -74,8 +75,7 @@ def main(out: Path, steps: int, repeats: int) -> None:
     train_steps(stage0, batches, 1)()
     name = next(iter(batches))
     zero2_parts, stage0_parts = state_bytes(ep2, name, batches[name]), state_bytes(stage0, name, batches[name])
-    rss = [torch.zeros(1, dtype=torch.float64) for _ in range(2)]
-    torch.distributed.all_gather(rss, torch.tensor([float(max_rss)], dtype=torch.float64))
+    rss = all_gather(torch.tensor([float(max_rss)], dtype=torch.float64))
     if rank == 0:
         out.write_text(json.dumps({
             "b4": b4, "b7_max_rss": [int(r.item()) for r in rss],

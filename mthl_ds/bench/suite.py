@@ -223,51 +223,6 @@ def data_rows(count: int, repeats: int, demo_step_s: dict, recipe: Recipe) -> li
     return rows
 
 
-# ---- GPU section
-def cuda_median_s(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` on the GPU (synchronised), after one warm-up call."""
-    times = []
-    for _ in range(repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
-
-
-def gpu_rows(repeats: int) -> list[dict]:
-    """Swin-T MTHL at the paper's per-GPU batches in fp16 / bf16 and fused LAMB vs ours (CUDA only)."""
-    from deepspeed.ops.lamb import FusedLamb
-
-    from mthl_ds.models.mthl import build_model
-    from mthl_ds.optim import Lamb
-    rows = []
-    recipe = load_recipe("mthl_swin_t")
-    batches = {"imagenet": 64, "coco": 2, "ade20k": 2}
-    for dtype in (torch.float16, torch.bfloat16):
-        peak = matmul_peak(8192, dtype=dtype, device="cuda")
-        model = build_model(recipe).cuda().to(dtype)
-        for name, size in batches.items():
-            base = dataclasses.replace(recipe.datasets[name], batch_size=size)
-            batch = fake_batch(dataclasses.replace(recipe, datasets={**recipe.datasets, name: base}), name)
-            batch = {k: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda()) for k, v in batch.items()}
-            batch["image"] = batch["image"].to(dtype)
-            model.set_dataset(name)
-            step = lambda: step_loss(model, name, batch).backward()  # noqa: E731
-            flops = counted_flops(step)
-            seconds = cuda_median_s(step, repeats)
-            rows.append(row("GPU", f"Swin-T MTHL fwd+bwd, {name} batch {size}, {dtype}", f"{size / seconds:.0f} img/s",
-                            f"matmul peak {peak / 1e12:.0f} TFLOP/s", flops / seconds / peak, work="MFU"))
-    params = [p for p in build_model(recipe).backbone.cuda().parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    for label, opt in (("DeepSpeed FusedLamb", FusedLamb(params, lr=1e-3)), ("mthl_ds Lamb", Lamb(params, lr=1e-3))):
-        rows.append(row("GPU", "LAMB step on Swin-T backbone parameters", label,
-                        f"{1e3 * cuda_median_s(opt.step, repeats):.2f} ms"))
-    return rows
-
-
 def run(smoke: bool = False, repeats: int = 5, only: set[str] | None = None) -> list[dict]:
     """Every benchmark (``only``: a subset of ids); ``smoke`` shrinks sizes and repeats to check the code path."""
     wanted = lambda *ids: only is None or any(i in only for i in ids)  # noqa: E731
@@ -287,6 +242,4 @@ def run(smoke: bool = False, repeats: int = 5, only: set[str] | None = None) -> 
         rows += [r for r in rank_rows(rank_results(steps=1 if smoke else 3, repeats=repeats)) if wanted(r["id"])]
     if wanted("B5"):
         rows += data_rows(40 if smoke else 400, repeats, step_s, recipe)
-    if torch.cuda.is_available() and wanted("GPU"):
-        rows += gpu_rows(repeats)
     return rows

@@ -241,7 +241,7 @@ class DatasetLoader:
 
     def __init__(self, shard_set: ShardSet, decode: Callable, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, workers: int = 0, state: Optional[dict] = None,
-                 exclude: Optional[dict[int, set[int]]] = None):
+                 exclude: Optional[dict[int, set[int]]] = None, pin_memory: bool = False):
         shard_set.check_split(world, workers)
         state = state or {}
         self.state = LoaderState(state.get("last"))
@@ -250,7 +250,8 @@ class DatasetLoader:
         stream = TrainStream(shard_set, decode, rank, world, seed, resume=self.state.last, exclude=exclude)
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                  worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers else None, generator=own_generator())
+                                 prefetch_factor=4 if workers else None, generator=own_generator(),
+                                 pin_memory=pin_memory)
         self._iter = None
         self._pending: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
@@ -277,7 +278,9 @@ class DatasetLoader:
 
 
 def eval_loader(shard_set: ShardSet, decode: Callable, batch_size: int, rank: int = 0, world: int = 1,
-                workers: int = 0, only: Optional[dict[int, set[int]]] = None) -> DataLoader:
+                workers: int = 0, only: Optional[dict[int, set[int]]] = None,
+                pin_memory: bool = False) -> DataLoader:
     stream = EvalStream(shard_set, decode, rank, world, batch_size, only=only)
     return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      worker_init_fn=worker_init if workers else None, generator=own_generator())
+                      worker_init_fn=worker_init if workers else None, generator=own_generator(),
+                      pin_memory=pin_memory)

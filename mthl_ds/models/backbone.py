@@ -178,13 +178,14 @@ class MoEBackbone(nn.Module):
     def router_loss(self) -> Tensor | float:
         return sum(gate.weighted_loss() for gate in self.gates)
 
-    def router_loss_terms(self) -> dict[str, float]:
-        """Unweighted router losses summed over layers (``attention/`` for MoE attention), for logging."""
-        terms: dict[str, float] = {}
+    def router_loss_terms(self) -> dict[str, Tensor]:
+        """Unweighted router losses summed over layers (``attention/`` for MoE attention), for logging: detached
+        0-dim tensors on the model's device (reading them is the logger's one host sync)."""
+        terms: dict[str, Tensor] = {}
         for prefix, layers in (("", self.moe_layers), ("attention/", self.attention_layers)):
             for layer in layers:
                 for name, value in layer.gate.losses.items():
-                    terms[prefix + name] = terms.get(prefix + name, 0.0) + float(value.detach())
+                    terms[prefix + name] = terms.get(prefix + name, 0.0) + value.detach()
         return terms
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -201,17 +202,22 @@ class MoEBackbone(nn.Module):
             return [block for layer in net.layers for block in layer.blocks]
         return list(net.stages) if hasattr(net, "stages") else list(net.blocks)
 
-    def routing_mi(self) -> list[float]:
-        """MI(D; E) in nats of every gate's running joint ``B(D, E)`` (0: experts shared alike by all datasets,
-        log M at most: each expert serves one dataset)."""
-        return [max(0.0, float(-exact_negative_mi(gate.routing_joint.double()))) for gate in self.gates]
+    def routing_mi(self) -> Tensor:
+        """MI(D; E) in nats of every gate's running joint ``B(D, E)``, one per gate, on the device (0: experts
+        shared alike by all datasets, log M at most: each expert serves one dataset)."""
+        if not self.gates:
+            return torch.zeros(0)
+        return torch.stack([-exact_negative_mi(gate.routing_joint.double()) for gate in self.gates]).clamp(min=0)
 
     def discard_routing_statistics(self) -> None:
         """Forget this forward's routing statistics (a skipped step): the MI buffers stay as they are."""
         for gate in self.gates:
             gate.pending_usage = None
 
-    def update_routing_buffers(self, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    def update_routing_buffers(self, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None,
+                               applied: Optional[Tensor] = None) -> None:
+        """Fold this forward's routing into every ``B(D, E)`` (one ``reduce_mean`` for all gates). ``applied``: a
+        0-dim bool tensor; where False (a step skipped on the device) the buffers stay as they are."""
         gates = [gate for gate in self.gates if gate.pending_usage is not None]
         if not gates:
             return
@@ -220,7 +226,7 @@ class MoEBackbone(nn.Module):
         if reduce_mean is not None:
             flat = reduce_mean(flat)
         for gate, row in zip(gates, flat.split([u.numel() for u in usage])):
-            gate.fold_usage(row, gate.pending_usage[0])
+            gate.fold_usage(row, gate.pending_usage[0], applied)
             gate.pending_usage = None
 
 

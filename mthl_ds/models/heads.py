@@ -1,7 +1,9 @@
 """Task heads on the backbone's four stage features (strides 4, 8, 16, 32). Each head has
 ``forward(features)``, ``loss(output, batch, reduce_mean=None) -> (loss, {name: value})`` and
-``predict(output, batch)``; ``reduce_mean`` averages a count over the data-parallel ranks (only the detection
-loss's normaliser needs one).
+``predict(output, batch)``; ``reduce_mean`` averages a device tensor over the data-parallel ranks (only the
+detection loss's normaliser needs one). A loss's parts are detached 0-dim tensors on the loss's device, and no loss
+reads a tensor's value on the host or takes a shape from one, so a training step on CUDA does not wait for the
+device here (``tests/test_heads_static.py`` checks this on fake CUDA tensors).
 
 Classification: a linear layer on pooled, normalised last-stage features. Detection: RetinaNet from
 torchvision's parts (FPN P3-P7 on stages 2-4 plus two extra levels, ``RetinaNetHead``, anchors, focal +
@@ -22,6 +24,7 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
+from mthl_ds.collectives import distributed, sum_over_ranks, world
 from mthl_ds.data.pipelines import IGNORE_INDEX
 
 
@@ -36,7 +39,7 @@ class ClassificationHead(nn.Module):
 
     def loss(self, logits: Tensor, batch: dict, reduce_mean=None) -> tuple[Tensor, dict]:
         loss = F.cross_entropy(logits.float(), batch["label"])
-        return loss, {"ce": float(loss.detach())}
+        return loss, {"ce": loss.detach()}
 
     def predict(self, logits: Tensor, batch: dict) -> Tensor:
         return logits.float()
@@ -62,16 +65,38 @@ def level_anchors(cell: Tensor, stride: int, height: int, width: int) -> Tensor:
     return (shifts + cell.view(1, -1, 4)).reshape(-1, 4)
 
 
+def encode_deltas(gt: Tensor, anchors: Tensor) -> Tensor:
+    """torchvision's ``BoxCoder(weights=(1, 1, 1, 1)).encode_single`` (same arithmetic) over any leading dims,
+    without its host-to-device copy of the weights in every call."""
+    ex_w, ex_h = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    ex_x, ex_y = anchors[..., 0] + 0.5 * ex_w, anchors[..., 1] + 0.5 * ex_h
+    gt_w, gt_h = gt[..., 2] - gt[..., 0], gt[..., 3] - gt[..., 1]
+    gt_x, gt_y = gt[..., 0] + 0.5 * gt_w, gt[..., 1] + 0.5 * gt_h
+    return torch.stack([(gt_x - ex_x) / ex_w, (gt_y - ex_y) / ex_h, torch.log(gt_w / ex_w), torch.log(gt_h / ex_h)],
+                       dim=-1)
+
+
+def padded_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Every image's boxes and labels padded to the batch's most boxes (at least one): (B, G, 4) zeros and (B, G)
+    with label -1 marking padding. The size comes from the tensors' shapes, not their values."""
+    size = max([1, *map(len, boxes)])
+    return (torch.stack([F.pad(b, (0, 0, 0, size - len(b))) for b in boxes]),
+            torch.stack([F.pad(lab, (0, size - len(lab)), value=-1) for lab in labels]))
+
+
 class RetinaNetDetectionHead(nn.Module):
     """FPN P3-P7 + RetinaNet subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride, placed at the
     fixed strides 8-128 as mmdet places them (torchvision's generator derives each stride as canvas size // level
-    size, 61 and 114 px instead of 64 and 128 on an 800 x 1344 canvas), always in float32.
+    size, 61 and 114 px instead of 64 and 128 on an 800 x 1344 canvas), always in float32, built once per device and
+    level shapes.
 
     ``predict`` calls torchvision's ``RetinaNet.postprocess_detections`` with this module in place of a
     ``RetinaNet`` (it reads only the coder and thresholds set here); ``loss`` is mmdet's (see there).
     """
 
     strides = (8, 16, 32, 64, 128)
+    BELOW_LOW_THRESHOLD = det_utils.Matcher.BELOW_LOW_THRESHOLD  # -1: background
+    BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS  # -2: ignored
 
     def __init__(self, stage_channels: Sequence[int], num_classes: int, fpn_channels: int = 256,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
@@ -81,8 +106,9 @@ class RetinaNetDetectionHead(nn.Module):
                                          extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         self.cell_anchors = [retina_cell_anchors(s) for s in self.strides]
         self.num_anchors = len(self.cell_anchors[0])
+        self.anchor_cache: dict = {}  # (device, level shapes) -> every level's anchors; not state
         self.head = RetinaNetHead(fpn_channels, self.num_anchors, num_classes)
-        self.proposal_matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+        self.high_threshold, self.low_threshold = 0.5, 0.4  # IoU: positive at or above, ignored in between
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
@@ -91,13 +117,39 @@ class RetinaNetDetectionHead(nn.Module):
         pyramid = list(self.fpn({str(i): f for i, f in enumerate(features[1:])}).values())
         return {**self.head(pyramid), "pyramid": pyramid}
 
+    def all_anchors(self, pyramid: list[Tensor]) -> Tensor:
+        """Every level's anchors concatenated (position-major within a level), on the pyramid's device. Built on
+        the CPU and copied once per (device, level shapes), not in every step; the last 8 such keys are kept."""
+        key = (pyramid[0].device, tuple(tuple(p.shape[-2:]) for p in pyramid))
+        if key not in self.anchor_cache:
+            while len(self.anchor_cache) >= 8:
+                self.anchor_cache.pop(next(iter(self.anchor_cache)))
+            self.anchor_cache[key] = torch.cat([level_anchors(cell, stride, *shape) for cell, stride, shape
+                                                in zip(self.cell_anchors, self.strides, key[1])]).to(key[0])
+        return self.anchor_cache[key]
+
     def level_anchors(self, pyramid: list[Tensor]) -> list[Tensor]:
-        return [level_anchors(cell, stride, *p.shape[-2:]).to(p.device)
-                for cell, stride, p in zip(self.cell_anchors, self.strides, pyramid)]
+        """Each level's anchors (views of :meth:`all_anchors`)."""
+        return list(self.all_anchors(pyramid).split([h * w * self.num_anchors for h, w in
+                                                     (p.shape[-2:] for p in pyramid)]))
 
     def anchors(self, images: Tensor, pyramid: list[Tensor]) -> list[Tensor]:
         """Every image's anchors (all levels concatenated); every image of a batch shares the canvas."""
-        return [torch.cat(self.level_anchors(pyramid))] * images.shape[0]
+        return [self.all_anchors(pyramid)] * images.shape[0]
+
+    def match(self, iou: Tensor, valid: Tensor) -> Tensor:
+        """torchvision's ``Matcher(0.5, 0.4, allow_low_quality_matches=True)`` on a batch, with static shapes:
+        ``iou`` (B, G, N) between padded boxes and anchors, ``valid`` (B, G) the real boxes. Returns (B, N): each
+        anchor's box, or ``BELOW_LOW_THRESHOLD`` (best IoU under 0.4, or no box) or ``BETWEEN_THRESHOLDS``. Each
+        box's best anchors (ties included, even at IoU 0) are matched to *their own* best box, as torchvision does;
+        mmdet's ``MaxIoUAssigner`` assigns them that box instead, the box listed last winning a shared anchor."""
+        iou = torch.where(valid[..., None], iou, -1.0)
+        best, all_matches = iou.max(dim=1)  # ties: the first box, as torchvision's max over its gt rows
+        matches = torch.where(best < self.low_threshold, self.BELOW_LOW_THRESHOLD,
+                              torch.where(best < self.high_threshold, self.BETWEEN_THRESHOLDS, all_matches))
+        highest = iou.max(dim=2, keepdim=True).values  # each box's best IoU over the anchors
+        low_quality = ((iou == highest) & valid[..., None]).any(dim=1)
+        return torch.where(low_quality, all_matches, matches)
 
     def loss(self, output: dict, batch: dict, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None
              ) -> tuple[Tensor, dict]:
@@ -107,31 +159,31 @@ class RetinaNetDetectionHead(nn.Module):
         ``num_total_pos``), averaged over the data-parallel ranks when ``reduce_mean`` is given (as mmdet's
         FCOS / ATSS heads average theirs; its RetinaNet head keeps each GPU's own count), so the loss and its
         gradient do not depend on the number of ranks. torchvision's ``compute_loss`` instead divides each
-        image's loss by that image's own positives."""
-        anchors = torch.cat(self.level_anchors(output["pyramid"]))
+        image's loss by that image's own positives.
+
+        Static shapes, no host sync: boxes are padded to the batch's most boxes, every term is computed for every
+        anchor and masked. ``parts["positives"]`` is this rank's count (float)."""
         cls_logits, deltas = output["cls_logits"].float(), output["bbox_regression"].float()
-        focal, l1, positives = cls_logits.new_zeros(()), cls_logits.new_zeros(()), 0
-        for logits, regression, boxes, labels in zip(cls_logits, deltas, batch["boxes"], batch["labels"]):
-            if len(boxes):
-                matched = self.proposal_matcher(box_iou(boxes, anchors))
-            else:  # every anchor is background
-                matched = torch.full((len(anchors),), det_utils.Matcher.BELOW_LOW_THRESHOLD, device=anchors.device)
-            foreground = matched >= 0
-            target = torch.zeros_like(logits)
-            target[foreground, labels[matched[foreground]]] = 1.0
-            scored = matched != det_utils.Matcher.BETWEEN_THRESHOLDS
-            focal = focal + sigmoid_focal_loss(logits[scored], target[scored], reduction="sum")
-            targets = self.box_coder.encode_single(boxes[matched[foreground]], anchors[foreground])
-            l1 = l1 + F.l1_loss(regression[foreground], targets, reduction="sum")
-            positives += max(int(foreground.sum()), 1)
-        count = torch.tensor(float(positives))
-        avg_factor = (reduce_mean(count) if reduce_mean is not None else count).clamp(min=1.0).to(focal.device)
+        anchors = self.all_anchors(output["pyramid"])
+        boxes, labels = padded_targets(batch["boxes"], batch["labels"])
+        matched = self.match(box_iou(boxes, anchors), labels >= 0)
+        foreground = (matched >= 0)[..., None]
+        scored = (matched != self.BETWEEN_THRESHOLDS)[..., None]
+        box = matched.clamp(min=0)  # background anchors read box 0 (or padding) and are masked out
+        target = torch.zeros_like(cls_logits).scatter_(2, labels.gather(1, box).clamp(min=0)[..., None],
+                                                       foreground.to(cls_logits.dtype))
+        focal = torch.where(scored, sigmoid_focal_loss(cls_logits, target), 0.0).sum()
+        gt = torch.where(foreground, boxes.gather(1, box[..., None].expand(-1, -1, 4)), anchors)  # finite deltas
+        l1 = torch.where(foreground, (deltas - encode_deltas(gt, anchors)).abs(), 0.0).sum()
+        positives = foreground.sum(dim=(1, 2)).clamp(min=1).sum().to(cls_logits.dtype)
+        avg_factor = (reduce_mean(positives) if reduce_mean is not None else positives).clamp(min=1.0)
         focal, l1 = focal / avg_factor, l1 / avg_factor
-        return focal + l1, {"focal": float(focal.detach()), "l1": float(l1.detach()), "positives": positives}
+        return focal + l1, {"focal": focal.detach(), "l1": l1.detach(), "positives": positives}
 
     @torch.no_grad()
     def predict(self, output: dict, batch: dict) -> list[dict]:
-        """Detections per image in the *original* image's pixels (boxes xyxy, scores, contiguous labels)."""
+        """Detections per image in the *original* image's pixels (boxes xyxy, scores, contiguous labels), on the
+        model's device; ``batch["scale"]`` and ``batch["orig_size"]`` are read on the host."""
         images, pyramid = batch["image"], output["pyramid"]
         per_level = [p.shape[-2] * p.shape[-1] * self.num_anchors for p in pyramid]
         split = {k: list(output[k].float().split(per_level, dim=1)) for k in ("cls_logits", "bbox_regression")}
@@ -175,7 +227,8 @@ class UperNetSegmentationHead(nn.Module):
         self.aux = FCNAuxHead(stage_channels[2], num_classes, channels // 2) if aux_weight > 0 else None
 
     def forward(self, features: list[Tensor]) -> dict:
-        out = {"logits": self.classifier(self.decoder([torch.empty(0), torch.empty(0), *features]))}
+        skipped = features[0].new_empty(0)  # the decoder skips the stride-1 and stride-2 entries
+        out = {"logits": self.classifier(self.decoder([skipped, skipped, *features]))}
         if self.aux is not None and self.training:
             out["aux"] = self.aux(features[2])
         return out
@@ -186,10 +239,10 @@ class UperNetSegmentationHead(nn.Module):
             F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False), mask,
             ignore_index=IGNORE_INDEX)
         main = ce(output["logits"])
-        logs = {"ce": float(main.detach())}
+        logs = {"ce": main.detach()}
         if "aux" in output:
             aux = ce(output["aux"])
-            logs["aux_ce"] = float(aux.detach())
+            logs["aux_ce"] = aux.detach()
             main = main + self.aux_weight * aux
         return main, logs
 
@@ -208,22 +261,6 @@ class UperNetSegmentationHead(nn.Module):
         return masks
 
 
-class SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's statistics feed every rank's loss."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
-
-
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the whole batch of every rank, computed in float32: mmseg's UperNet uses SyncBN, and its
     pyramid pooling normalises 1 x 1 features, whose per-rank statistics at the paper's 2 images per GPU are two
@@ -235,8 +272,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        if not (self.training and distributed):
+        if not (self.training and distributed()):
             update = self.training and self.track_running_stats
             if update:
                 self.num_batches_tracked.add_(1)
@@ -247,10 +283,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                                self.eps)
             return out.to(x.dtype)
         x32 = x.float()
-        count = x32.numel() // x32.shape[1] * torch.distributed.get_world_size()
-        mean = SumOverRanks.apply(x32.sum(dim=(0, 2, 3))) / count
+        count = x32.numel() // x32.shape[1] * world()[1]
+        mean = sum_over_ranks(x32.sum(dim=(0, 2, 3))) / count
         centred = x32 - mean.view(1, -1, 1, 1)
-        var = SumOverRanks.apply(centred.square().sum(dim=(0, 2, 3))) / count
+        var = sum_over_ranks(centred.square().sum(dim=(0, 2, 3))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

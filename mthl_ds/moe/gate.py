@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mthl_ds.collectives import all_reduce_
 from mthl_ds.moe import losses as L
 
 DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                 ep_group=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ep_group=None) -> tuple[Tensor, int | Tensor, Tensor, Tensor, Tensor]:
     """DeepSpeed's ``topkgating(..., drop_policy="probs", sparse_routes=True)`` with every tie broken by index.
 
     Each token takes the K experts of highest probability; with ``drop_tokens`` each expert keeps the
@@ -34,7 +35,9 @@ def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: i
     earlier token win, whatever else is in the batch, on every rank.
 
     Returns ``(l_aux, capacity, indices, locations, counts)``: routes as (K, S) rows, highest gate first, with
-    index -1 for a dropped route (location 0); ``counts`` per expert before drops.
+    index -1 for a dropped route (location 0); ``counts`` per expert before drops. With ``drop_tokens`` the
+    capacity is a Python int and every shape follows from the input's: no host sync. Without, it is a 0-dim
+    tensor (the busiest expert's count), which the caller reads to size its buffers.
     """
     probs = F.softmax(logits.float(), dim=1)
     tokens, experts = probs.shape
@@ -43,15 +46,14 @@ def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: i
     counts = mask.sum(0)
     l_aux = (probs.mean(0) * mask.float().mean(0)).mean() * experts * experts / k
     if drop_tokens:
-        capacity = torch.tensor(max(math.ceil(tokens / experts * capacity_factor * k), min_capacity))
+        capacity = max(math.ceil(tokens / experts * capacity_factor * k), min_capacity)
         routed = torch.where(mask, probs, torch.full_like(probs, -1.0))  # unrouted tokens rank last
-        kept = routed.sort(dim=0, descending=True, stable=True).indices[:min(int(capacity), tokens)]
+        kept = routed.sort(dim=0, descending=True, stable=True).indices[:min(capacity, tokens)]
         mask &= torch.zeros_like(mask).scatter_(0, kept, True)
     else:
         capacity = counts.max()
-        if ep_group is not None and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size(ep_group) > 1:
-            torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=ep_group)
+        if ep_group is not None:  # the experts' group (set by DeepSpeed's engine); none: this rank's own count
+            capacity = all_reduce_(capacity, "max", ep_group)
     locations = torch.cumsum(mask, dim=0) - 1
     route_kept = mask.gather(1, top_idx)
     indices = torch.where(route_kept, top_idx, torch.full_like(top_idx, -1))
@@ -84,6 +86,15 @@ class Router(nn.Module):
         self.hidden = nn.Linear(dim, hidden) if hidden else None
         self.proj = nn.Linear(hidden or dim, num_experts, bias=False)
         self.register_buffer("choices", torch.arange(num_experts))
+        # The logits that select an expert, derived from ``choices`` whenever it is set or loaded (not saved): a
+        # forward indexes with it, so its shapes do not depend on values (``nonzero`` would sync every call).
+        self.register_buffer("selectable_index", torch.arange(num_experts), persistent=False)
+        self.register_load_state_dict_post_hook(reindex_after_load)
+
+    def set_choices(self, choices: Tensor) -> None:
+        """Set which expert each logit selects (-1: none) and the index of the selecting ones."""
+        self.choices = choices.to(self.choices.device)
+        self.selectable_index = (self.choices >= 0).nonzero().flatten()
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -93,7 +104,11 @@ class Router(nn.Module):
 
     def selectable(self) -> Tensor:
         """Indices of the logits that select an expert."""
-        return (self.choices >= 0).nonzero().flatten()
+        return self.selectable_index
+
+
+def reindex_after_load(router: Router, incompatible_keys) -> None:
+    router.set_choices(router.choices)
 
 
 class PerDatasetGate(nn.Module):
@@ -218,9 +233,9 @@ class PerDatasetGate(nn.Module):
         usage = usage / usage.sum().clamp(min=1e-9)  # P(E | D_i)
         row = self.dataset_index(name)
         losses = {}
-        if "mi" in self.loss_coefs:
-            joint = torch.zeros_like(self.routing_joint, dtype=usage.dtype)
-            joint = joint.index_put((torch.tensor([row], device=joint.device),), usage[None] / len(self.datasets))
+        if "mi" in self.loss_coefs:  # P(D, E) of this forward: the dataset's row, the others zero
+            rows = len(self.datasets)
+            joint = F.pad(usage[None] / rows, (0, 0, row, self.routing_joint.shape[0] - row - 1))
             losses["mi"] = L.mi_surrogate_loss(joint, self.routing_joint)
         if "gshard" in self.loss_coefs:
             losses["gshard"] = l_aux
@@ -239,11 +254,15 @@ class PerDatasetGate(nn.Module):
         return sum(self.loss_coefs[n] * v for n, v in self.losses.items())
 
     @torch.no_grad()
-    def fold_usage(self, usage: Tensor, row: int) -> None:
-        """Momentum-update row ``row`` of ``B(D, E)`` with ``P(E | D_row) / M`` (already averaged over ranks)."""
+    def fold_usage(self, usage: Tensor, row: int, applied: Optional[Tensor] = None) -> None:
+        """Momentum-update row ``row`` of ``B(D, E)`` with ``P(E | D_row) / M`` (already averaged over ranks);
+        where ``applied`` (a 0-dim bool tensor) is False the row stays, also if ``usage`` is not finite."""
         m = self.mi_momentum
         target = usage.to(self.routing_joint) / len(self.datasets)
-        self.routing_joint[row].mul_(m).add_(target, alpha=1 - m)
+        updated = self.routing_joint[row] * m + target * (1 - m)
+        if applied is not None:
+            updated = torch.where(applied, updated, self.routing_joint[row])
+        self.routing_joint[row] = updated
 
     # ---- surgery: single-device, between runs (mthl_ds.surgery applies it to a whole model)
     @torch.no_grad()
@@ -296,7 +315,7 @@ class PerDatasetGate(nn.Module):
     def keep_experts(self, kept: Sequence[int]) -> None:
         """Re-index to the experts ``kept``; a removed expert's logit stays in its router's softmax, unselectable."""
         for name, choices in self.pruned_choices(kept).items():
-            self.routers[name].choices = choices.to(self.routers[name].choices.device)
+            self.routers[name].set_choices(choices)
         self.routing_joint = self.routing_joint[:, list(kept)].clone()
         self.num_experts = len(kept)
 

@@ -59,35 +59,37 @@ class MoEMlp(MoE):
         """DeepSpeed's ``MOELayer`` forward (gate, dispatch, all-to-all, experts, all-to-all, combine) on its
         groups and expert modules, with fewer ops: a rank's experts run as two batched matmuls
         (:class:`BatchedLinear`) instead of a loop with chunk / cat, and dispatch and combine share one
-        slot-to-token index (a gather in, a gate-weighted index_add out) with no zero-padded copies. 11-13%
-        faster demo train steps (``mthl-ds bench`` B3). An empty slot reads token 0 instead of a zero row:
-        its output is never added back, so its gradient, and its share of the expert's weight gradient, is
-        zero. Tensor-parallel experts (DeepSpeed's ``mpu``) are not supported.
+        slot-to-token index (a gather in, a gate-weighted index_add out) with no zero-padded copies. An empty
+        slot reads token 0 instead of a zero row: its output is never added back, so its gradient, and its share
+        of the expert's weight gradient, is zero. Tensor-parallel experts (DeepSpeed's ``mpu``) are not supported.
+
+        With dropped routes (training's default) every shape follows from the input's and nothing waits for the
+        device: a dropped route writes to one spare slot past the last, which is cut off. Without dropping, the
+        capacity is the busiest expert's count, read once per call (a host sync), and eval on one rank runs each
+        expert on its filled slots only (:meth:`run_filled_slots`, which reads the counts too).
         """
         moe = self.deepspeed_moe
         tokens = x.reshape(-1, x.shape[-1])
-        _, capacity, num_experts, indices, locations, gates, _ = self.gate(tokens, None, True, False)
-        capacity = int(capacity)
-        kept = indices >= 0
-        kept_slots = (indices.long() * capacity + locations.long())[kept]
-        token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices)
-        source = torch.zeros(num_experts * capacity, dtype=torch.long, device=x.device)
-        source.scatter_(0, kept_slots, token_ids[kept])
+        _, capacity, num_experts, indices, locations, gates, counts = self.gate(tokens, None, True, False)
+        capacity = int(capacity)  # a Python int with dropped routes; else the one host sync of this layer
+        slots = num_experts * capacity
+        slot = torch.where(indices >= 0, indices.long() * capacity + locations.long(), slots).flatten()
+        token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices).flatten()
+        source = torch.zeros(slots + 1, dtype=torch.long, device=x.device).scatter_(0, slot, token_ids)[:slots]
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
         if self.training or moe.ep_size > 1:
             outputs = self.run_experts(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
         else:  # eval keeps every route: capacity is the busiest expert's count, so compute the filled slots only
-            filled = torch.bincount(indices[kept].long(), minlength=num_experts)
-            outputs = self.run_filled_slots(dispatched, filled)
-        outputs = outputs.view(num_experts * capacity, -1)
+            outputs = self.run_filled_slots(dispatched, counts.clamp(max=capacity))
+        outputs = outputs.view(slots, -1)
         if moe.ep_size > 1:
             outputs = _AllToAll.apply(moe.ep_group, outputs)
         # Each slot's output weighted by its gate (0 for an empty slot), added back onto its token: the
         # same index as the dispatch. Half-precision outputs are combined in float32, as DeepSpeed does.
-        slot_gates = torch.zeros(num_experts * capacity, dtype=torch.float32, device=x.device)
-        slot_gates.scatter_(0, kept_slots, gates[kept].float())
+        slot_gates = torch.zeros(slots + 1, dtype=torch.float32, device=x.device).scatter(
+            0, slot, gates.float().flatten())[:slots]
         weighted = outputs.float() * slot_gates.unsqueeze(1)
         combined = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, source, weighted)
         combined = combined.to(outputs.dtype)

@@ -17,7 +17,7 @@ from conftest import demo_overrides  # noqa: E402
 
 from mthl_ds import cpu_half  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
-from mthl_ds.engine import all_gather_objects, barrier, world  # noqa: E402
+from mthl_ds.collectives import all_gather_objects, barrier, world  # noqa: E402
 from mthl_ds.train import Trainer  # noqa: E402
 
 BROKEN = (3, 4)

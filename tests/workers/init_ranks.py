@@ -1,7 +1,8 @@
 """Join the process group the deepspeed launcher describes, all-reduce one tensor, print the sum."""
 import torch
 
-from mthl_ds.engine import all_reduce_sum, init_distributed, world
+from mthl_ds.collectives import all_reduce_sum, world
+from mthl_ds.engine import init_distributed
 
 init_distributed()
 rank, size = world()

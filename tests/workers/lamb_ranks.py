@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_ranks import global_batch, global_name  # noqa: E402
 
 from mthl_ds.config import load_recipe  # noqa: E402
+from mthl_ds.collectives import world  # noqa: E402
 from mthl_ds.engine import (build_engine, ds_config, ep_rank, init_distributed, optimizer_groups,  # noqa: E402
-                            triangular_schedule, world)
+                            triangular_schedule)
 from mthl_ds.models.mthl import build_model  # noqa: E402
 
 STEPS = 5

@@ -10,17 +10,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
 from mthl_ds.config import load_recipe  # noqa: E402
-from mthl_ds.engine import all_gather_objects  # noqa: E402
+from mthl_ds.collectives import all_gather_objects  # noqa: E402
 from mthl_ds.train import NonFiniteLoss, Trainer  # noqa: E402
 
 
 class NanOnRank1(Trainer):
     """Rank 1 alone sees a NaN loss at step 3."""
 
-    def all_finite(self, loss, step, name):
-        if step == 3 and self.rank == 1:
+    def nonfinite_ranks(self, loss):
+        if self.step == 3 and self.rank == 1:
             loss = loss * float("nan")
-        return super().all_finite(loss, step, name)
+        return super().nonfinite_ranks(loss)
 
 
 def zero(shards: Path, out: Path) -> dict:

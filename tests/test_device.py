@@ -1,0 +1,152 @@
+"""One device discipline, checked without a GPU.
+
+torch's ``FakeTensorMode`` makes tensors on device ``cuda`` with no GPU (this machine's torch is a CUDA build): an op
+that mixes devices raises ``FakeTensorDeviceMismatchError``, and an op whose output shape or a Python value depends
+on a tensor's contents (``nonzero``, boolean-mask indexing, ``.item()``, ``.tolist()``, ``bool(t)``) raises too. On
+a real GPU each of those is a device mismatch or a device-to-host sync. So a training step that runs here under
+fake CUDA (model, heads, losses, routing statistics, LAMB on whole tensors and on a ZeRO partition) places
+everything on the device and waits for nothing. Backward needs a real device (autograd asks for a CUDA context):
+that part is the CUDA tests' (tests/test_cuda.py).
+"""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mthl_ds.bench.suite import fake_batch
+from mthl_ds.config import load_recipe
+from mthl_ds.device import to_device
+from mthl_ds.engine import optimizer_groups
+from mthl_ds.models.mthl import build_model
+from mthl_ds.optim import Lamb, PartitionLayout
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mthl_ds"
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "barrier", "gather", "gather_object", "scatter", "scatter_object_list", "send",
+               "recv", "isend", "irecv", "monitored_barrier"}
+
+
+def collective_calls(path: Path) -> list[str]:
+    """``file:line owner.name`` of every call ``torch.distributed.<collective>(...)``, ``dist.<collective>(...)`` or
+    ``deepspeed.comm.<collective>(...)`` in a Python file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+            owner = ast.unparse(node.func.value)
+            if owner in ("torch.distributed", "dist", "deepspeed.comm"):
+                found.append(f"{path.name}:{node.lineno} {owner}.{node.func.attr}")
+    return sorted(found, key=lambda c: int(c.split(":")[1].split()[0]))
+
+
+def test_collectives_are_called_in_one_module():
+    calls = {str(p.relative_to(PACKAGE.parent)): collective_calls(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    assert calls["mthl_ds/collectives.py"], "the scan finds nothing: it no longer sees the collectives module's calls"
+    outside = [f"{name}: {c}" for name, found in calls.items() if name != "mthl_ds/collectives.py" for c in found]
+    assert not outside, f"torch.distributed collectives outside mthl_ds/collectives.py: {outside}"
+
+
+def test_the_scan_finds_collectives_however_torch_distributed_is_named(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch\nimport torch.distributed as dist\n"
+                     "def f(t):\n    dist.all_reduce(t)\n    torch.distributed.barrier()\n    t.all_reduce()\n")
+    assert collective_calls(probe) == ["probe.py:4 dist.all_reduce", "probe.py:5 torch.distributed.barrier"]
+
+
+def fake_step(recipe, name: str, batch_size: int) -> dict:
+    """Under fake CUDA: the recipe's model in training mode, one batch of ``name`` at its real input size,
+    forward, task loss + router losses, the logged figures, the routing-buffer fold and the usage count."""
+    model = build_model(recipe).train()
+    batch = fake_batch(recipe, name, batch_size=batch_size)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        device = next(model.parameters()).device
+        batch = to_device(batch, device, model.dtype)
+        model.set_dataset(name)
+        output = model(batch["image"])
+        task_loss, parts = model.heads[name].loss(output, batch)
+        loss = recipe.datasets[name].loss_weight * task_loss + model.backbone.router_loss()
+        applied = torch.isfinite(loss).all()
+        model.backbone.update_routing_buffers(None, applied)
+        usage = torch.zeros(len(model.backbone.moe_layers), recipe.model.moe.num_experts, device=device)
+        for layer, row in zip(model.backbone.moe_layers, usage):
+            row += layer.gate.counts.float() * applied
+        logged = [loss, *parts.values(), *model.backbone.router_loss_terms().values(), model.backbone.routing_mi()]
+        return {"loss": loss, "logged": logged, "usage": usage,
+                "joint": [g.routing_joint for g in model.backbone.gates]}
+
+
+@pytest.mark.parametrize("recipe_name, batches", [
+    ("demo", {}),
+    ("mthl_swin_t", {"imagenet": 64, "coco": 2, "ade20k": 2}),  # the paper's per-GPU batches
+])
+def test_training_forward_and_losses_stay_on_the_device_without_syncs(recipe_name, batches):
+    recipe = load_recipe(recipe_name)
+    for name, d in recipe.datasets.items():
+        out = fake_step(recipe, name, batches.get(name, d.batch_size))
+        tensors = [out["loss"], *out["logged"], out["usage"], *out["joint"]]
+        assert all(t.device.type == "cuda" for t in tensors), name
+        assert out["loss"].shape == () and out["usage"].shape[1] == recipe.model.moe.num_experts
+
+
+def fake_grads(params: list[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        p.grad = torch.randn_like(p) * (0 if i % 5 == 0 else 1e-3)  # every fifth tensor idle
+
+
+@pytest.mark.parametrize("recipe_name", ["demo", "mthl_swin_t"])
+def test_lamb_step_stays_on_the_device_without_syncs(recipe_name):
+    """Whole tensors (ZeRO 0) and one flat ZeRO partition holding every tensor, with a device-side step mask and
+    (partition) clipping by a device-side global norm."""
+    model = build_model(load_recipe(recipe_name))
+    sizes = [p.numel() for p in model.parameters()]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        groups = optimizer_groups(model, 0.05)
+        whole = Lamb(groups, lr=1e-3)
+        fake_grads([p for g in groups for p in g["params"]])
+        whole.apply_mask = torch.ones((), dtype=torch.bool, device="cuda")
+        whole.step()
+        whole.step()  # the second step reads the moments and the step count the first left on the device
+        flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        flat.grad = torch.randn_like(flat)
+        partitioned = Lamb([flat], lr=1e-3, weight_decay=0.05)
+        partitioned.layouts[flat] = PartitionLayout(sizes, torch.arange(len(sizes)), len(sizes))
+        partitioned.apply_mask = torch.ones((), dtype=torch.bool, device="cuda")
+        partitioned.grad_norm, partitioned.max_grad_norm = (lambda: flat.grad.norm()), 0.1
+        partitioned.step()
+        partitioned.step()
+        states = [v for s in list(whole.state.values()) + list(partitioned.state.values()) for v in s.values()]
+        counts = [g["step"] for g in whole.param_groups + partitioned.param_groups]
+    assert states and all(t.device.type == "cuda" for t in states + counts)
+
+
+def test_lamb_masked_step_leaves_everything_as_it_was():
+    """A step masked on the device (a non-finite loss on some rank) with non-finite gradients leaves weights,
+    moments and the step count as they were, on whole tensors and on a partition."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    flat = torch.nn.Parameter(torch.randn(15))
+    whole, partitioned = Lamb(params, lr=0.01, weight_decay=0.05), Lamb([flat], lr=0.01, weight_decay=0.05)
+    partitioned.layouts[flat] = PartitionLayout([12, 3], torch.arange(2), 2)
+    for optimizer, tensors in ((whole, params), (partitioned, [flat])):
+        for t in tensors:
+            t.grad = torch.randn_like(t)
+        optimizer.step()
+        moments = lambda: [v.clone() for s in optimizer.state.values() for v in s.values()]  # noqa: E731
+        before = [t.detach().clone() for t in tensors], moments()
+        count = optimizer.param_groups[0]["step"].clone()
+        for t in tensors:
+            t.grad = torch.full_like(t, float("nan"))
+        optimizer.apply_mask = torch.tensor(False)
+        optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(tensors, before[0]))
+        assert all(torch.equal(a, b) for a, b in zip(moments(), before[1])) and len(before[1]) == 2 * len(tensors)
+        assert torch.equal(optimizer.param_groups[0]["step"], count)
+        optimizer.apply_mask = torch.tensor(True)
+        for t in tensors:
+            t.grad = torch.randn_like(t)
+        optimizer.step()
+        assert not torch.equal(tensors[0], before[0][0]) and optimizer.param_groups[0]["step"] == count + 1
