@@ -301,4 +301,6 @@ def attach_zero_layout(engine, max_grad_norm: float = 0.0) -> None:
         flat = zero.single_partition_of_fp32_groups[index]
         if sum(lengths) != flat.numel():
             raise RuntimeError(f"ZeRO partition {index} has {flat.numel()} elements, layout covers {sum(lengths)}")
-        inner.layouts[flat] = PartitionLayout(lengths, torch.tensor(ids, dtype=torch.long), padding, group_pg)
+        layout = PartitionLayout(lengths, torch.tensor(ids, dtype=torch.long), padding, group_pg)
+        layout.on(flat.device)  # its device index now, with the other optimizer states, not at the first step
+        inner.layouts[flat] = layout
