@@ -8,8 +8,6 @@ process (no process group, or a group of one) every function is the identity and
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -58,11 +56,6 @@ def all_reduce_mean(tensor: Tensor, group=None) -> Tensor:
     return all_reduce_sum(tensor, group) / torch.distributed.get_world_size(group)
 
 
-def all_reduce_max(tensor: Tensor, group=None) -> Tensor:
-    """Maximum over the ranks into a copy (the tensor itself in one process)."""
-    return all_reduce_(tensor.clone(), "max", group) if distributed(group) else tensor
-
-
 class SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's statistics feed every rank's
     loss (synchronised BatchNorm)."""
@@ -103,7 +96,3 @@ def all_gather(tensor: Tensor, group=None) -> list[Tensor]:
 def barrier(group=None) -> None:
     if distributed(group):
         torch.distributed.barrier(group=group)
-
-
-def group_size(group: Optional[object]) -> int:
-    return torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1

@@ -173,7 +173,7 @@ def use_exact_moe_clipping(engine) -> None:
     from deepspeed.utils import groups
 
     def squares(grads: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else None
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]

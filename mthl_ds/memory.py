@@ -8,8 +8,8 @@ rehearse``, which prints both: weights to the byte, optimizer states within Deep
     partition  P / N + (X / ep) / (N / ep)            what ZeRO 1/2 give one GPU: shared tensors split over all
                                                       N ranks, experts over their expert-data-parallel group
     optimizer  (4 + 8 + 4) * partition                fp32 master copy + LAMB's two moments + its element-to-tensor
-                                                      index (ZeRO 1/2; 4 + 8 with AdamW), or
-               (4 + 8) * (P + X / ep) at stage 0 (+ 4 x that for the fp16 master copy)
+                                                      index (4 + 8 with AdamW), or
+               (4 + 8 + 4) * (P + X / ep) at stage 0 (+ 4 x that for the fp16 master copy)
     gradients  b * partition + reduce buckets (ZeRO 2: reduce_bucket_size, twice with overlap_comm), or
                b * (P + X / ep) at stages 0 / 1
 
@@ -145,7 +145,7 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
     hooks = [layer.gate.register_forward_hook(lambda gate, args, out: routes.append((args[0].shape[0], int(out[1]))))
              for layer in model.backbone.moe_layers[:1]]
     kinds = ("plain", "checkpointed") + (("peak",) if device.type == "cuda" else ())
-    key = "checkpointed" if recipe.model.grad_checkpointing else kinds[-1] if device.type == "cuda" else "plain"
+    key = "checkpointed" if recipe.model.grad_checkpointing else "peak" if device.type == "cuda" else "plain"
     result = {}
     for name, d in recipe.datasets.items():
         row = {"task": d.task, "recipe_batch": d.batch_size, "bytes": {}}
@@ -196,7 +196,7 @@ def state_bytes(recipe: Recipe, shared: int, experts: int, gpus: int, ep_size: i
         gradients = width * partition + bucket * (2 if zero.get("overlap_comm") else 1)
     else:
         gradients = width * held
-    index = 4 if stage >= 1 and recipe.train.optimizer == "lamb" else 0  # mthl_ds.optim.PartitionLayout.on
+    index = 4 if recipe.train.optimizer == "lamb" else 0  # mthl_ds.optim.PartitionLayout.on, every stage
     optimizer = (12 + index) * partition + (4 * held if stage == 0 and width == 2 else 0)
     return {"weights": int(width * held), "gradients": int(gradients), "optimizer": int(optimizer)}
 

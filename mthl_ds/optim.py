@@ -93,7 +93,7 @@ class Lamb(torch.optim.Optimizer):
         self.apply_mask: Optional[Tensor] = None
         self.grad_norm: Optional[Callable[[], Tensor]] = None
         self.max_grad_norm = 0.0
-        self._sizes: dict[tuple, Tensor] = {}
+        self._whole_layouts: dict[tuple[int, ...], PartitionLayout] = {}  # per list of whole tensors' sizes
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,16 +179,18 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_add_(params, update, alpha=-group["lr"])
 
     def _per_element(self, params: list[Tensor]) -> Callable[[Tensor], list[Tensor]]:
-        """``per_tensor (N,) -> [per_tensor[i] spread over a tensor shaped like params[i]]``, as views of one
-        ``repeat_interleave``: per-tensor factors then go through the fast multi-tensor kernels (same shapes)
-        rather than one kernel per tensor. The segment sizes are kept on the device per parameter list."""
+        """``per_tensor (N,) -> [per_tensor[i] spread over a tensor shaped like params[i]]``, as views of one gather
+        over the element-to-tensor index of a :class:`PartitionLayout` whose segments are these tensors (kept per
+        list of sizes): per-tensor factors then go through the fast multi-tensor kernels (same shapes) rather than
+        one kernel per tensor."""
         sizes = [p.numel() for p in params]
-        key = (params[0].device, tuple(sizes))
-        if key not in self._sizes:
-            self._sizes[key] = torch.tensor(sizes, dtype=torch.long).to(params[0].device)
+        layout = self._whole_layouts.get(tuple(sizes))
+        if layout is None:
+            layout = self._whole_layouts[tuple(sizes)] = PartitionLayout(sizes, torch.arange(len(sizes)), len(sizes))
+        element_ids, _, _ = layout.on(params[0].device)
 
         def shaped(per_tensor: Tensor) -> list[Tensor]:
-            flat = torch.repeat_interleave(per_tensor.to(params[0].dtype), self._sizes[key], output_size=sum(sizes))
+            flat = per_tensor.to(params[0].dtype).index_select(0, element_ids)
             return [piece.view_as(p) for piece, p in zip(flat.split(sizes), params)]
         return shaped
 
