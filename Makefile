@@ -77,10 +77,10 @@ gpu-wheels: $(STAMP)
 	ls -l $$d; du -sh $$d
 
 # On a lent GPU machine (one GPU, no network, its own python3 with torch): install the wheels `make gpu-wheels`
-# fetched, the project without its dependencies, then every GPU check (mthl_ds/gpu_check.py), which writes
+# fetched, the project without its dependencies, then every GPU check (mthl_ds/studies/gpu_check.py), which writes
 # gpu_report.json / .md to $$OUT when set. It must not depend on gpu-wheels or the venv: there is no network there.
 gpu-check:
 	$(GPU_WHEELS_INSTALL):$(CURDIR) && \
 	(python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . || \
 	 echo "gpu-check: editable install failed; the project runs from PYTHONPATH") && \
-	python3 -m mthl_ds.gpu_check
+	python3 -m mthl_ds.studies.gpu_check

@@ -6,7 +6,7 @@
     mthl_ds.load("model.safetensors", device="cuda:1", precision="bf16")   # on a chosen device, under autocast
 
 Importing the package imports nothing heavy (the command line answers ``--help`` without torch); modules that
-import DeepSpeed first import ``mthl_ds.accelerator``.
+import DeepSpeed first import ``mthl_ds.runtime.accelerator``.
 """
 
 

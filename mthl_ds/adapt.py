@@ -1,5 +1,5 @@
 """Table 3: each adaptation mode (``mthl_ds.adapt_modes``) run as one or two phases of ordinary training on a new
-dataset, each phase a recipe with an ``adapt`` section (its model: ``mthl_ds.models.adapted``), and the table.
+dataset, each phase a recipe with an ``adapt`` section (its model: ``mthl_ds.artifacts.adapted``), and the table.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 import yaml
 
-from mthl_ds import surgery
+from mthl_ds.artifacts import surgery
 from mthl_ds.adapt_modes import MODES, ROUTERS
 from mthl_ds.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
-from mthl_ds.export import load_export, read_metadata
-from mthl_ds.models.adapted import adapted_model
+from mthl_ds.artifacts.export import load_export, read_metadata
+from mthl_ds.artifacts.adapted import adapted_model
 from mthl_ds.models.mthl import MTHLModel
 
 
@@ -65,7 +65,7 @@ def phase_recipe(source: Path, data: NewDataset, adapt: dict, top_k: Optional[in
 
 def run_phase(recipe_dict: dict, out: Path) -> tuple[dict, Path]:
     """Write the recipe, train it in this process (one rank), export the result. Returns (metrics, export)."""
-    from mthl_ds.export import export_run
+    from mthl_ds.artifacts.export import export_run
     from mthl_ds.train import Trainer
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.yaml"
@@ -78,7 +78,7 @@ def run_phase(recipe_dict: dict, out: Path) -> tuple[dict, Path]:
 def run_mode(model: Path, data: NewDataset, mode: str, out: Path, train: dict, stats_images: int = 256) -> dict:
     """One Table-3 row: the mode's phases, then its figures (trainable / model parameters, FLOPs, metric)."""
     from mthl_ds.data.reader import ShardSet
-    from mthl_ds.stats import routing_statistics, write_statistics
+    from mthl_ds.analysis.stats import routing_statistics, write_statistics
     if mode not in MODES:
         raise ConfigError(f"unknown adaptation mode {mode!r}; choose from {sorted(MODES)}")
     phases, top_k = MODES[mode]

@@ -10,7 +10,7 @@ from pathlib import Path
 from mthl_ds.adapt_modes import MODES
 from mthl_ds.config import ConfigError, list_recipes, load_recipe
 from mthl_ds.data.shards import ShardError
-from mthl_ds.errors import ExportError, InputError
+from mthl_ds.errors import CheckpointError, ExportError, InputError
 
 
 class UsageError(ValueError):
@@ -24,10 +24,10 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from mthl_ds.model_info import format_info, model_info
+    from mthl_ds.studies.model_info import format_info, model_info
     recipe = load_recipe(args.recipe, args.set)
     if args.memory:
-        from mthl_ds.memory import format_plan, plan_recipe
+        from mthl_ds.studies.memory import format_plan, plan_recipe
         plan = plan_recipe(recipe, args.gpus, [float(g) for g in args.gpu_memory.split(",")],
                            progress=(lambda _: None) if args.json else print)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
@@ -38,18 +38,18 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from mthl_ds.demo import run_demo
+    from mthl_ds.studies.demo import run_demo
     return run_demo(args.out, overrides=tuple(args.set), recipe=args.recipe)
 
 
 def cmd_stability(args) -> int:
-    from mthl_ds.stability import run_stability
+    from mthl_ds.studies.stability import run_stability
     run_stability(args.out, args.seeds, args.recipe, tuple(args.set))
     return 0
 
 
 def cmd_synth(args) -> int:
-    from mthl_ds.data.synth import write_world
+    from mthl_ds.studies.synth import write_world
     roots = write_world(args.out, seed=args.seed, scale=args.scale)
     for name, root in roots.items():
         print(f"{name:<10} {root}")
@@ -69,35 +69,35 @@ def cmd_shards(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mthl_ds.bench.common import markdown_table
+    from mthl_ds.studies.bench.common import markdown_table
     if args.suite == "all":
-        from mthl_ds.bench.suite import COLUMNS, run
+        from mthl_ds.studies.bench.suite import COLUMNS, run
         only = set(args.only.split(",")) if args.only else None
         rows = run(smoke=args.smoke, repeats=args.repeats, only=only)
         columns = COLUMNS
         import torch
         if torch.cuda.is_available() and (only is None or "GPU" in only):
-            from mthl_ds.bench.gpu import gpu_rows
+            from mthl_ds.studies.bench.gpu import gpu_rows
             rows += gpu_rows(repeats=args.repeats)
     elif args.suite == "data" and args.real_size:
-        from mthl_ds.bench.data import run_real_size
+        from mthl_ds.studies.bench.data import run_real_size
         rows = run_real_size(args.recipe, count=min(args.count, 48), repeats=args.repeats)
         columns = ["benchmark", "images_per_s_per_worker", "batch", "v100_step_s", "images_per_s_needed",
                    "workers_per_gpu", "source"]
     elif args.suite == "data":
-        from mthl_ds.bench.data import run
+        from mthl_ds.studies.bench.data import run
         rows = run(count=args.count, repeats=args.repeats)
         columns = ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"]
     elif args.suite == "gpu":
-        from mthl_ds.bench.gpu import gpu_rows
-        from mthl_ds.bench.suite import COLUMNS
+        from mthl_ds.studies.bench.gpu import gpu_rows
+        from mthl_ds.studies.bench.suite import COLUMNS
         import torch
         if not torch.cuda.is_available():
             raise InputError("mthl-ds bench gpu needs a CUDA GPU; torch.cuda.is_available() is False here")
         rows = gpu_rows(repeats=args.repeats)
         columns = COLUMNS
     else:
-        from mthl_ds.bench.lamb import run
+        from mthl_ds.studies.bench.lamb import run
         rows = run(repeats=args.repeats)
         columns = ["benchmark", "candidate", "median_ms", "spread_ms"]
     table = markdown_table(rows, columns)
@@ -110,7 +110,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_rehearse(args) -> int:
-    from mthl_ds.rehearse import RehearsalError, rehearse
+    from mthl_ds.studies.rehearse import RehearsalError, rehearse
     try:
         rehearse(args.recipe, args.out or Path("runs") / f"rehearse_{Path(args.recipe).stem}_{args.precision}",
                  ranks=args.ranks, precision=args.precision, steps=args.steps, batch_size=args.batch_size,
@@ -122,7 +122,7 @@ def cmd_rehearse(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from mthl_ds.evaluation import run_evaluate
+    from mthl_ds.evaluate import run_evaluate
     summary = run_evaluate(args.model, args.data, args.split, dict(args.annotations or []), args.original,
                            args.batch_size, args.out, device=args.device)
     for name, r in summary["results"].items():
@@ -142,7 +142,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mthl_ds.export import export_run, read_metadata
+    from mthl_ds.artifacts.export import export_run, read_metadata
     path = export_run(args.run_dir, args.out, args.tag)
     meta = read_metadata(path)
     m = meta["model"]
@@ -165,9 +165,9 @@ def shard_set(folder: Path, split: str):
 
 
 def cmd_stats(args) -> int:
-    from mthl_ds import stats
-    from mthl_ds.device import resolve
-    from mthl_ds.export import load_model
+    from mthl_ds.analysis import stats
+    from mthl_ds.runtime.device import resolve
+    from mthl_ds.artifacts.export import load_model
     device = resolve(args.device)  # a device this machine lacks is refused before any work
     data = {name: shard_set(folder, args.split) for name, folder in args.data}
     pair = args.grad_cosine.split(",") if args.grad_cosine else []
@@ -437,6 +437,9 @@ def main(argv=None) -> int:
         return 2
     except ShardError as e:
         print(f"mthl-ds: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"mthl-ds: checkpoint error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:
         print(f"mthl-ds: model file error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from mthl_ds.models.geometry import size_problem
+from mthl_ds.geometry import size_problem
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"

@@ -30,10 +30,11 @@ from PIL import Image, ImageDraw
 
 from mthl_ds.config import DatasetConfig
 from mthl_ds.data.pipelines import eval_preprocess
-from mthl_ds.device import DeviceLike, resolve, to_device
+from mthl_ds.runtime.device import DeviceLike, resolve, to_device
 from mthl_ds.errors import InputError
-from mthl_ds.evaluation import dataset_pipeline, detections_to_cpu
+from mthl_ds.evaluate import dataset_pipeline
 from mthl_ds.models.mthl import MTHLModel
+from mthl_ds.tasks import task_spec
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,19 +51,6 @@ def autocast_dtype(precision: Optional[str], device: torch.device) -> Optional[t
         raise InputError("--precision fp16 on the CPU is refused: CPUs have no fast float16 arithmetic; "
                          "use fp32 or bf16 on the CPU, fp16 on CUDA")
     return dtype
-
-
-def masks_to_cpu(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Masks of different sizes on the CPU in one copy for the batch (one host sync, not one per image)."""
-    flat = torch.cat([m.flatten() for m in masks]).cpu()
-    return [part.view(m.shape) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
-
-
-def output_to_cpu(output, task: str):
-    """A head's predictions for a batch on the CPU, in one copy."""
-    if task == "classification":
-        return output.cpu()
-    return detections_to_cpu(output) if task == "detection" else masks_to_cpu(output)
 
 
 def open_image(item: ImageInput) -> Image.Image:
@@ -101,7 +89,7 @@ class Predictor:
         """An export, a run folder or a checkpoint, loaded onto the CPU, then moved to ``device`` (``cpu``, ``cuda``,
         ``cuda:N``; default: CUDA where there is one, else the CPU). The device and the precision are checked
         before the model is read."""
-        from mthl_ds.export import load_model
+        from mthl_ds.artifacts.export import load_model
         device = resolve(device)
         autocast_dtype(precision, device)
         model, label, datasets = load_model(Path(path))
@@ -111,13 +99,6 @@ class Predictor:
         if dataset not in self.datasets:
             raise InputError(f"unknown dataset {dataset!r}; this model predicts for {sorted(self.datasets)}")
         return self.datasets[dataset]
-
-    def class_name(self, dataset: str, label: int) -> str:
-        classes = self.datasets[dataset].get("classes")
-        if not classes:
-            return f"class_{label}"
-        entry = classes[label]
-        return entry["name"] if isinstance(entry, dict) else str(entry)
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], dataset: str, batch_size: int = 8,
@@ -129,6 +110,7 @@ class Predictor:
         opened = [open_image(i) for i in images]  # every input checked before any work
         cfg = dataset_pipeline(DatasetConfig(info["task"], num_classes=info["num_classes"], size=tuple(info["size"])))
         preprocess = eval_preprocess(cfg)
+        spec = task_spec(info["task"])
         self.model.set_dataset(dataset)
         head = self.model.heads[dataset]
         results = []
@@ -142,26 +124,10 @@ class Predictor:
                      "scale": torch.tensor(scales), "orig_size": [(img.height, img.width) for img in chunk]}  # host
             with torch.autocast(self.device.type, dtype) if dtype is not None else contextlib.nullcontext():
                 output = self.model(batch["image"])
-            output = output_to_cpu(head.predict(output, batch), info["task"])  # float32, outside autocast
-            results += [self.result(dataset, info["task"], out) for out in
+            output = spec.output_to_cpu(head.predict(output, batch))  # float32, outside autocast
+            results += [spec.prediction(out, info.get("classes")) for out in
                         (output if isinstance(output, list) else list(output))]
         return results
-
-    def result(self, dataset: str, task: str, out) -> dict:
-        if task == "classification":
-            probs = out.float().softmax(-1)
-            top = probs.topk(min(5, len(probs)))
-            return {"top5": [{"label": int(i), "name": self.class_name(dataset, int(i)), "score": float(p)}
-                             for p, i in zip(top.values, top.indices)]}
-        if task == "detection":
-            boxes = out["boxes"].clone()
-            boxes[:, 2:] -= boxes[:, :2]
-            labels = out["labels"].tolist()
-            classes = self.datasets[dataset].get("classes") or []
-            ids = [classes[label]["id"] if classes and isinstance(classes[label], dict) else label for label in labels]
-            return {"boxes": [[round(v, 2) for v in b] for b in boxes.tolist()], "scores": out["scores"].tolist(),
-                    "labels": labels, "category_ids": ids, "names": [self.class_name(dataset, label) for label in labels]}
-        return {"mask": out.to(torch.uint8).numpy()}
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -25,33 +25,32 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mthl_ds import checkpoint, cpu_half, surgery
+from mthl_ds.artifacts import checkpoint, surgery
+from mthl_ds.runtime import cpu_half
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
-from mthl_ds.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, barrier, world
+from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, barrier, world
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
-from mthl_ds.device import local_device, pin_memory, to_device
-from mthl_ds.engine import build_engine, ep_rank, init_distributed
-from mthl_ds.evaluation import evaluate, pipeline_config
-from mthl_ds.memory import engine_state_bytes
-from mthl_ds.models.adapted import build_run_model, resolve_source
-from mthl_ds.optim import Lamb
+from mthl_ds.errors import CheckpointError
+from mthl_ds.runtime.device import local_device, pin_memory, to_device
+from mthl_ds.runtime.engine import build_engine, engine_state_bytes, ep_rank, init_distributed
+from mthl_ds.evaluate import evaluate, pipeline_config
+
+from mthl_ds.artifacts.adapted import build_run_model, resolve_source
+from mthl_ds.runtime.optim import Lamb
 
 log = logging.getLogger("mthl_ds.train")
 
-
 class NonFiniteLoss(RuntimeError):
     pass
-
 
 # ------------------------------------------------------------------------------------------ checks before start
 
 def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def check_world(recipe: Recipe, world_size: int) -> None:
     """Checks that need the world size, made from the launcher's environment before any process group."""
@@ -64,11 +63,9 @@ def check_world(recipe: Recipe, world_size: int) -> None:
             raise ConfigError(f"{recipe.train.ds_config}: {key} is set at run time from datasets.<name>.batch_size; "
                               "remove it from the DeepSpeed config")
 
-
 def dataset_dir(recipe: Recipe, name: str) -> Path:
     path = Path(recipe.datasets[name].shards or name)
     return path if path.is_absolute() else Path(recipe.train.data_root) / path
-
 
 def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, ShardSet]]:
     """Open every train/val shard set and check it against the recipe, before any expensive work."""
@@ -86,9 +83,7 @@ def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, Sh
         sets[name] = (train, val)
     return sets
 
-
 EXIT_STOPPED = 75  # the run saved a checkpoint on request and should be started again (sbatch requeues)
-
 
 class StopFlag:
     """A request to checkpoint and stop: SIGUSR1 / SIGTERM to a rank, or a ``STOP`` file in the run folder
@@ -111,7 +106,6 @@ class StopFlag:
         flag = all_reduce_sum(torch.tensor([1.0 if requested else 0.0], device=device))
         return bool(flag.item() > 0)
 
-
 def use_deterministic_kernels() -> None:
     """``train.deterministic``: torch's deterministic kernels where it has them (index_add, scatter_add, convolutions,
     cuBLAS with a fixed workspace), a warning naming each op that has none (on CUDA: bilinear upsampling's and
@@ -121,14 +115,12 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
-
 def lamb_of(engine) -> Optional[Lamb]:
     """The engine's :class:`Lamb` (inside DeepSpeed's ZeRO or mixed-precision wrapper), or None."""
     optimizer = engine.optimizer
     while optimizer is not None and not isinstance(optimizer, Lamb):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
-
 
 def resolved(records: list[dict]) -> list[dict]:
     """``records`` with every tensor value read into Python numbers (lists for tensors of more than one value),
@@ -145,12 +137,10 @@ def resolved(records: list[dict]) -> list[dict]:
         cursor += n
     return out
 
-
 def logged_by(row: dict, steps_done: int) -> bool:
     """Whether a metrics row belongs to a run that has done ``steps_done`` steps: a loss row's ``step`` is its
     step's index; AES and eval rows give the steps done when they were taken (at, or after, that checkpoint)."""
     return row.get("step", 0) < steps_done if "loss" in row else row.get("step", 0) <= steps_done
-
 
 # ------------------------------------------------------------------------------------------------ the trainer
 
@@ -269,7 +259,7 @@ class Trainer:
         on the trainer's step, AES counts it in its patience, and the routing it measured neither moves
         ``B(D, E)`` nor the expert-usage counters. Two kinds: an fp16 gradient overflow, which DeepSpeed finds on
         the host (it lowers the loss scale and leaves weights and optimizer state as they were); and a non-finite
-        loss on any rank, agreed on by a collective and applied on the device (:class:`mthl_ds.optim.Lamb`'s
+        loss on any rank, agreed on by a collective and applied on the device (:class:`mthl_ds.runtime.optim.Lamb`'s
         ``apply_mask``), with no host sync, so the trainer learns of it at the next flush. ``B(D, E)`` is folded
         only after the update, so a recomputed block (activation checkpointing) sees the buffer its forward saw."""
         start = time.perf_counter()
@@ -480,7 +470,7 @@ class Trainer:
                 self.tb.add_scalar(f"{name}/eval_{r['metric']}", r["value"], self.step)
 
     def finish(self, results: dict) -> None:
-        from mthl_ds.report import write_report
+        from mthl_ds.analysis.report import write_report
         self.log_eval(results)
         self.metrics_file.close()
         self.tb.close()
@@ -493,7 +483,6 @@ class Trainer:
         for name, r in final.items():
             print(f"{name:<10} {r['task']:<15} {r['metric']} {r['value']:.2f} (chance {r['chance']:.2f})")
 
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mthl_ds.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -501,7 +490,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the run folder (resumed if it has checkpoints)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cpu-fp16", action="store_true",
-                        help="fp16 on CPU ranks (rehearsals, tests): fp16 matmuls in float32, see mthl_ds.cpu_half")
+                        help="fp16 on CPU ranks (rehearsals, tests): fp16 matmuls in float32, see mthl_ds.runtime.cpu_half")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     if args.cpu_fp16:
@@ -511,11 +500,10 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe, args.set)
         trainer = Trainer(recipe, args.out)
         trainer.run()
-    except (ConfigError, ShardError, NonFiniteLoss) as e:
+    except (ConfigError, ShardError, CheckpointError, NonFiniteLoss) as e:
         print(f"mthl_ds.train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return EXIT_STOPPED if trainer.stopped_early else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
-from mthl_ds.engine import free_port  # noqa: E402,F401  (tests import it from here)
+from mthl_ds.runtime.engine import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,7 +51,7 @@ def train_cli(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: int
 def shards(tmp_path_factory) -> Path:
     """The synthetic world at a quarter of the demo's size, converted with the real converters."""
     from mthl_ds.data.convert import convert_world
-    from mthl_ds.data.synth import write_world
+    from mthl_ds.studies.synth import write_world
     root = tmp_path_factory.mktemp("synthetic")
     convert_world(write_world(root / "raw", seed=1, scale=0.25), root / "shards", shard_size=8,
                   progress=lambda _: None)

@@ -104,7 +104,7 @@ def test_model_info_json():
 
 def test_paper_model_is_flops_matched():
     """Swin-T at 224: experts of hidden / K with capacity K*S/E cost within 3% of the dense twin."""
-    from mthl_ds.model_info import model_info
+    from mthl_ds.studies.model_info import model_info
     info = model_info(load_recipe("mthl_swin_t"))
     assert info["moe_layers"] == 12
     assert abs(info["flops_per_image"]["imagenet"] / info["dense"]["flops_per_image"]["imagenet"] - 1) < 0.03

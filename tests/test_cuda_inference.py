@@ -32,11 +32,11 @@ import torch
 
 from workers.eval_ranks import prepare
 
-from mthl_ds.bench.inference import flat_outputs
+from mthl_ds.studies.bench.inference import flat_outputs
 from mthl_ds.config import load_recipe
 from mthl_ds.data.reader import ShardSet
-from mthl_ds.evaluation import evaluate
-from mthl_ds.models.mthl import build_model
+from mthl_ds.evaluate import evaluate
+from mthl_ds.build import build_model
 from mthl_ds.predict import Predictor
 
 DEVICE = "cuda"

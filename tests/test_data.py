@@ -18,7 +18,7 @@ from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.convert import convert, convert_world
 from mthl_ds.data.shards import ShardError
-from mthl_ds.data.synth import write_world
+from mthl_ds.studies.synth import write_world
 
 
 @pytest.fixture(scope="module")
@@ -330,14 +330,14 @@ def test_empty_and_too_small_shard_sets_are_refused(tmp_path, world):
 
 
 def test_data_benchmark_smoke():
-    from mthl_ds.bench.data import run
+    from mthl_ds.studies.bench.data import run
     rows = run(count=40, repeats=1)
     assert [r["benchmark"].split()[0] for r in rows] == ["B5", "detection", "segmentation"]
     assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["throughput_ratio"] > 0
 
 
 def test_real_size_data_benchmark_gives_workers_per_gpu():
-    from mthl_ds.bench.data import run_real_size
+    from mthl_ds.studies.bench.data import run_real_size
     rows = {r["task"]: r for r in run_real_size("mthl_swin_t", count=6, repeats=1)}
     assert set(rows) == {"classification", "detection", "segmentation"}
     for r in rows.values():

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mthl_ds.bench.suite import fake_batch
+from mthl_ds.tasks import fake_batch
 from mthl_ds.config import load_recipe
-from mthl_ds.device import to_device
-from mthl_ds.engine import optimizer_groups
-from mthl_ds.models.mthl import build_model
-from mthl_ds.optim import Lamb, PartitionLayout
+from mthl_ds.runtime.device import to_device
+from mthl_ds.runtime.engine import optimizer_groups
+from mthl_ds.build import build_model
+from mthl_ds.runtime.optim import Lamb, PartitionLayout
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mthl_ds"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
@@ -43,9 +43,9 @@ def collective_calls(path: Path) -> list[str]:
 
 def test_collectives_are_called_in_one_module():
     calls = {str(p.relative_to(PACKAGE.parent)): collective_calls(p) for p in sorted(PACKAGE.rglob("*.py"))}
-    assert calls["mthl_ds/collectives.py"], "the scan finds nothing: it no longer sees the collectives module's calls"
-    outside = [f"{name}: {c}" for name, found in calls.items() if name != "mthl_ds/collectives.py" for c in found]
-    assert not outside, f"torch.distributed collectives outside mthl_ds/collectives.py: {outside}"
+    assert calls["mthl_ds/runtime/collectives.py"], "the scan finds nothing: it no longer sees the collectives module's calls"
+    outside = [f"{name}: {c}" for name, found in calls.items() if name != "mthl_ds/runtime/collectives.py" for c in found]
+    assert not outside, f"torch.distributed collectives outside mthl_ds/runtime/collectives.py: {outside}"
 
 
 def test_the_scan_finds_collectives_however_torch_distributed_is_named(tmp_path):

@@ -16,9 +16,9 @@ from workers.eval_ranks import EVAL_OVERRIDES, fixed_images, head_outputs, prepa
 from mthl_ds.config import load_recipe
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.pipelines import IGNORE_INDEX
-from mthl_ds.evaluation import DetectionEvaluator, SegmentationEvaluator
-from mthl_ds.models.mthl import build_model
-from mthl_ds.evaluation import evaluate
+from mthl_ds.analysis.metrics import DetectionEvaluator, SegmentationEvaluator
+from mthl_ds.build import build_model
+from mthl_ds.evaluate import evaluate
 from mthl_ds.train import open_shards
 
 

@@ -1,12 +1,12 @@
 """fp16 as the V100 run uses it (DeepSpeed's fp16 ZeRO 2 optimizer, dynamic loss scaling, LAMB, ep_size 2) and bf16,
-on 2 CPU ranks through mthl_ds.cpu_half; its fp32 numerics; and what a skipped step leaves alone."""
+on 2 CPU ranks through mthl_ds.runtime.cpu_half; its fp32 numerics; and what a skipped step leaves alone."""
 import json
 
 import pytest
 import torch
 
 from conftest import ROOT, run_ranks
-from mthl_ds import cpu_half
+from mthl_ds.runtime import cpu_half
 
 
 def write_fp16_config(folder):
@@ -30,7 +30,7 @@ def test_fp16_overflow_on_one_rank_is_skipped_everywhere_and_resumes_bitwise(sha
         assert ranks == [True, True], key
     # the LR schedule stays on the trainer's step: the same values as a run without skips
     from mthl_ds.config import load_recipe
-    from mthl_ds.engine import triangular_schedule
+    from mthl_ds.runtime.engine import triangular_schedule
     from conftest import demo_overrides
     recipe = load_recipe("demo", demo_overrides(shards, steps=7))
     schedule = triangular_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr),

@@ -8,8 +8,8 @@ from conftest import demo_overrides
 from mthl_ds.config import load_recipe
 from mthl_ds.data.pipelines import DatasetLoader, make_decoder
 from mthl_ds.data.reader import ShardSet
-from mthl_ds.models.mthl import build_model
-from mthl_ds.evaluation import pipeline_config
+from mthl_ds.build import build_model
+from mthl_ds.evaluate import pipeline_config
 
 
 @pytest.mark.parametrize("name,steps,lr", [("imagenet", 100, 1e-3), ("coco", 60, 3e-4), ("ade20k", 25, 1e-3)])
@@ -92,8 +92,8 @@ def lamb_detection_run(shards, skip_idle: bool, warm: int = 20, idle: int = 12, 
     """The demo model on COCO for ``warm`` steps, then one COCO step after every ``idle`` ImageNet steps: the
     spike-prone pattern of the demo (the RetinaNet head idle for a dozen steps at the paper's peak LR), one
     process, LAMB with clipping 0.1 as the recipe. Returns the focal loss of every COCO step."""
-    from mthl_ds.engine import optimizer_groups, triangular_schedule
-    from mthl_ds.optim import Lamb
+    from mthl_ds.runtime.engine import optimizer_groups, triangular_schedule
+    from mthl_ds.runtime.optim import Lamb
     recipe = load_recipe("demo", demo_overrides(shards, ep_size=1) + ["datasets.imagenet.batch_size=16",
                                                                        "datasets.coco.batch_size=4"])
     torch.manual_seed(0)

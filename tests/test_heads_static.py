@@ -10,8 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from mthl_ds.data.pipelines import IGNORE_INDEX
-from mthl_ds.models.heads import (RetinaNetDetectionHead, SyncBatchNorm2d, build_head, level_anchors,
+from mthl_ds.config import DatasetConfig
+from mthl_ds.geometry import IGNORE_INDEX
+from mthl_ds.tasks import task_spec
+from mthl_ds.models.heads import (RetinaNetDetectionHead, SyncBatchNorm2d, level_anchors,
                                   padded_targets, retina_cell_anchors)
 
 CHANNELS = [16, 32, 64, 128]
@@ -148,7 +150,7 @@ def small_batches(device="cpu"):
 def test_loss_parts_are_detached_scalar_tensors(task):
     """Every loss part is a detached 0-dim tensor on the loss's device (a Python number would be a host sync)."""
     torch.manual_seed(0)
-    head = build_head(task, CHANNELS, 3, channels=32).train()
+    head = task_spec(task).build_head(CHANNELS, DatasetConfig(task, num_classes=3, head_channels=32)).train()
     features, batch = small_batches()[task]
     loss, parts = head.loss(head(features), batch)
     assert parts and loss.dim() == 0 and loss.requires_grad
@@ -182,7 +184,7 @@ def test_head_forward_and_loss_on_fake_cuda_are_static_and_stay_on_the_device(ta
     anchors) no op takes or makes a CPU tensor, and ``reduce_mean`` receives a CUDA tensor. The loss it replaced
     fails here."""
     torch.manual_seed(0)
-    head = build_head(task, CHANNELS, 3, channels=32).train()
+    head = task_spec(task).build_head(CHANNELS, DatasetConfig(task, num_classes=3, head_channels=32)).train()
     handed = []
 
     def reduce_mean(count):
@@ -218,7 +220,7 @@ def sync_batchnorm_rank(rank: int, world: int, port: int, x: torch.Tensor, queue
 
 
 def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch():
-    """SyncBatchNorm2d on 2 gloo ranks (through ``mthl_ds.collectives``): each rank's output, input gradient and
+    """SyncBatchNorm2d on 2 gloo ranks (through ``mthl_ds.runtime.collectives``): each rank's output, input gradient and
     running statistics equal ``nn.BatchNorm2d`` over the whole batch in one process."""
     import socket
     import torch.multiprocessing as mp

@@ -1,5 +1,6 @@
-"""The package's import structure: no import circle among mthl_ds's modules, and a command line that answers
-``--help`` and argument errors without importing torch, DeepSpeed or timm."""
+"""The package's import structure: its layers, each importing only from the layers under it (or within
+itself), no import circle among its modules, and a command line that answers ``--help`` and argument errors
+without importing torch, DeepSpeed or timm."""
 import ast
 import subprocess
 import sys
@@ -68,9 +69,54 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# The layers, from the ground up: a module imports only modules of its own layer or of the layers under it.
+LAYERS = [
+    ("foundation: errors, input geometry, recipes, the run folder's files",
+     ["mthl_ds.errors", "mthl_ds.geometry", "mthl_ds.adapt_modes", "mthl_ds.config", "mthl_ds.runfiles"]),
+    ("runtime: device, collectives, DeepSpeed engine, optimizer, precision shims", ["mthl_ds.runtime"]),
+    ("data and MoE layers", ["mthl_ds.data", "mthl_ds.moe"]),
+    ("single-device models; analysis: metrics, routing statistics, reports, plots",
+     ["mthl_ds.models", "mthl_ds.analysis"]),
+    ("task kinds", ["mthl_ds.tasks"]),
+    ("a recipe's model", ["mthl_ds.build"]),
+    ("artifacts: checkpoints, exports, surgery, a model assembled from an export", ["mthl_ds.artifacts"]),
+    ("jobs: train, evaluate, predict, adapt", ["mthl_ds.aes", "mthl_ds.train", "mthl_ds.evaluate",
+                                               "mthl_ds.predict", "mthl_ds.adapt"]),
+    ("studies: demo, rehearse, stability, memory plan, model info, benchmarks, the synthetic world",
+     ["mthl_ds.studies"]),
+    ("the command line and the package's face", ["mthl_ds.cli", "mthl_ds"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: the one naming it or, failing that, its longest named package."""
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    if best is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    return best[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({LAYERS[layer_of(a)][0].split(':')[0]}) imports {b} ({LAYERS[layer_of(b)][0].split(':')[0]})"
+                  for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a))
+
+
+def test_every_import_runs_down_the_layers():
+    graph = import_graph()
+    assert upward_imports({"mthl_ds.config": {"mthl_ds.train"}, "mthl_ds.train": {"mthl_ds.config"}}) == [
+        "mthl_ds.config (foundation) imports mthl_ds.train (jobs)"]  # an import back up would be found
+    assert {layer_of(m) for m in graph} == set(range(len(LAYERS)))  # every layer holds a module
+    assert upward_imports(graph) == []
+
+
 def test_no_import_circle_in_the_package():
     graph = import_graph()
-    assert "mthl_ds.train" in graph and "mthl_ds.checkpoint" in graph["mthl_ds.train"]  # the graph is read
+    assert "mthl_ds.train" in graph and "mthl_ds.artifacts.checkpoint" in graph["mthl_ds.train"]  # the graph is read
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]  # and a circle would be found
     assert cycles(graph) == []
 

@@ -7,9 +7,9 @@ from conftest import run_ranks
 from workers.lamb_ranks import overrides, train, weights
 
 from mthl_ds.config import load_recipe
-from mthl_ds.engine import build_engine, init_distributed
-from mthl_ds.models.mthl import build_model
-from mthl_ds.optim import Lamb
+from mthl_ds.runtime.engine import build_engine, init_distributed
+from mthl_ds.build import build_model
+from mthl_ds.runtime.optim import Lamb
 
 TOLERANCE = 1e-5
 
@@ -102,7 +102,7 @@ def test_per_partition_lamb_is_a_different_optimizer(ranks):
 
 
 def test_lamb_benchmark_smoke():
-    from mthl_ds.bench.lamb import run
+    from mthl_ds.studies.bench.lamb import run
     rows = run(repeats=1)
     assert [r["candidate"].split(",")[0] for r in rows] == ["mthl_ds Lamb", "mthl_ds Lamb", "timm Lamb (foreach)"]
     assert all(r["median_ms"] > 0 for r in rows)

@@ -11,12 +11,12 @@ from PIL import Image
 from conftest import demo_overrides
 from workers.eval_ranks import prepare
 
-from mthl_ds.bench.inference import flat_outputs
+from mthl_ds.studies.bench.inference import flat_outputs
 from mthl_ds.config import load_recipe
-from mthl_ds.engine import launcher_free_env
+from mthl_ds.runtime.engine import launcher_free_env
 from mthl_ds.errors import InputError
-from mthl_ds.export import save_export
-from mthl_ds.models.mthl import build_model
+from mthl_ds.artifacts.export import save_export
+from mthl_ds.build import build_model
 
 
 @pytest.mark.parametrize("eval_drop_tokens", [False, True])

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from mthl_ds.config import load_recipe
-from mthl_ds.engine import launcher_free_env
+from mthl_ds.runtime.engine import launcher_free_env
 
 
 def rehearse(tmp_path_factory, recipe, precision):
@@ -45,7 +45,7 @@ def check_run(out, result, experts):
     assert all(math.isfinite(r["loss"]) for r in steps)
     ranks = [json.loads((out / "run" / "launch" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["start_step"], r["end_step"]) for r in ranks] == [(3, 4), (3, 4)]  # the second launch resumed
-    from mthl_ds.export import read_metadata
+    from mthl_ds.artifacts.export import read_metadata
     assert read_metadata(out / "model.safetensors")["source"]["step"] == 4
     assert [r for r in rows if "eval" in r] and set(result["datasets"]) == {"imagenet", "coco", "ade20k"}
     assert {n: d["input"] for n, d in result["datasets"].items()} == {
@@ -87,7 +87,7 @@ def test_vit_companion_bf16_at_the_papers_shapes(vit):
 def test_one_rank_trains_segmentation_with_two_images():
     """UperNet's pyramid pooling normalises 1 x 1 features: on one rank a segmentation batch needs two images
     (BatchNorm refuses one value per channel in training); other datasets keep the batch asked for."""
-    from mthl_ds.rehearse import rank_batch
+    from mthl_ds.studies.rehearse import rank_batch
     recipe = load_recipe("mthl_swin_t")
     assert [rank_batch(recipe, "ade20k", 1, ranks) for ranks in (1, 2, 4)] == [2, 1, 1]
     assert rank_batch(recipe, "imagenet", 1, 1) == 1 and rank_batch(recipe, "ade20k", 3, 1) == 3

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT
 from test_training import checkpoint_tensors
 
-from mthl_ds.engine import launcher_free_env
+from mthl_ds.runtime.engine import launcher_free_env
 
 STEPS, EVERY, RANKS = 24, 8, 4
 COLLECTIVE_TIMEOUT_S = 30  # train.collective_timeout_s in these jobs (600 s by default)
@@ -189,7 +189,7 @@ def test_two_nodes_equal_one_node_bitwise(two_nodes, one_node, tmp_path):
     """2 nodes x 2 ranks and 1 node x 4 ranks: the same checkpoint and the same export, bit for bit."""
     from safetensors.torch import load_file
 
-    from mthl_ds.export import export_run
+    from mthl_ds.artifacts.export import export_run
     assert len({r["host"] for r in launch_records(one_node[0])}) == 1
     assert_same_weights(two_nodes[0], one_node[0])
     exports = [load_file(export_run(run_dir, tmp_path / f"{i}.safetensors")) for i, (run_dir, _) in
@@ -281,7 +281,7 @@ def test_node_that_never_starts_its_ranks_fails_the_job_naming_it(slurm, shards,
 
 def test_collective_timeout_reaches_the_groups_deepspeed_makes():
     """DeepSpeed's ZeRO and expert groups come from new_group() without a timeout: they must get ours too."""
-    code = ("from mthl_ds.engine import init_distributed; import torch, torch.distributed as dist; "
+    code = ("from mthl_ds.runtime.engine import init_distributed; import torch, torch.distributed as dist; "
             "init_distributed(42); g = dist.new_group([0]); "
             "print(g._get_backend(torch.device('cpu')).options._timeout.total_seconds())")
     out = subprocess.run([sys.executable, "-c", code], env=launcher_free_env(), capture_output=True, text=True,
@@ -309,7 +309,7 @@ def test_export_and_adapt_jobs_chain(slurm, shards, two_nodes):
                                    "slurm/adapt.sbatch"])
     assert wait_for(slurm, export_job, run_dir) == "COMPLETED", (run_dir / f"export-{export_job}.out").read_text()
     assert wait_for(slurm, adapt_job, run_dir) == "COMPLETED", (run_dir / f"adapt-{adapt_job}.out").read_text()[-3000:]
-    from mthl_ds.export import read_metadata
+    from mthl_ds.artifacts.export import read_metadata
     meta = read_metadata(run_dir / "model.safetensors")
     assert meta["source"]["step"] == STEPS and meta["source"]["world_size"] == RANKS
     result = json.loads((out / "result.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import demo_overrides, run_ranks, train_cli
-from mthl_ds.engine import launcher_free_env
+from mthl_ds.runtime.engine import launcher_free_env
 
 
 def checkpoint_tensors(ckpt):

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
 from mthl_ds.data.shards import MaskLabels
-from mthl_ds.models.geometry import padded
+from mthl_ds import geometry
+from mthl_ds.geometry import IGNORE_INDEX, padded
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-IGNORE_INDEX = 255
+MEAN = torch.tensor(geometry.MEAN).view(3, 1, 1)
+STD = torch.tensor(geometry.STD).view(3, 1, 1)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-from mthl_ds.collectives import distributed, sum_over_ranks, world
-from mthl_ds.data.pipelines import IGNORE_INDEX
+from mthl_ds.runtime.collectives import distributed, sum_over_ranks, world
+from mthl_ds.geometry import IGNORE_INDEX
 
 
 class ClassificationHead(nn.Module):
@@ -303,16 +303,3 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         if type(m) is nn.BatchNorm2d:
             m.__class__ = SyncBatchNorm2d
     return module
-
-
-def build_head(task: str, stage_channels: Sequence[int], num_classes: int, aux_weight: float = 0.4,
-               channels: int = 0) -> nn.Module:
-    """A task's head; ``channels`` overrides the FPN (detection) or decoder (segmentation) width when > 0."""
-    if task == "classification":
-        return ClassificationHead(stage_channels, num_classes)
-    if task == "detection":
-        return RetinaNetDetectionHead(stage_channels, num_classes, fpn_channels=channels or 256)
-    if task == "segmentation":
-        return sync_batchnorm(UperNetSegmentationHead(stage_channels, num_classes, channels=channels or 512,
-                                                         aux_weight=aux_weight))
-    raise ValueError(f"unknown task {task!r}")

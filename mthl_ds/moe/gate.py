@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mthl_ds.collectives import all_reduce_
+from mthl_ds.runtime.collectives import all_reduce_
 from mthl_ds.moe import losses as L
 
 DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -264,7 +264,7 @@ class PerDatasetGate(nn.Module):
             updated = torch.where(applied, updated, self.routing_joint[row])
         self.routing_joint[row] = updated
 
-    # ---- surgery: single-device, between runs (mthl_ds.surgery applies it to a whole model)
+    # ---- surgery: single-device, between runs (mthl_ds.artifacts.surgery applies it to a whole model)
     @torch.no_grad()
     def add_router(self, name: str, k: int) -> None:
         """A new router for ``name`` over all experts, and a row for it in ``B(D, E)``.

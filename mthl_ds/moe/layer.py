@@ -1,7 +1,7 @@
 """The MoE MLP: DeepSpeed's ``MoE`` with our per-dataset gate, a drop-in for timm's ``Mlp``."""
 from __future__ import annotations
 
-from mthl_ds import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
+from mthl_ds.runtime import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
 
 from typing import Optional
 
@@ -116,7 +116,7 @@ class MoEMlp(MoE):
                 out[e, :count] = mlp(dispatched[e, :count])
         return out
 
-    # ---- surgery: single device (ep_size 1), between runs; mthl_ds.surgery applies it to a whole model
+    # ---- surgery: single device (ep_size 1), between runs; mthl_ds.artifacts.surgery applies it to a whole model
     def set_mlps(self, mlps: list[nn.Module]) -> None:
         """Hold exactly ``mlps`` as this layer's experts (all of them: ep_size must be 1)."""
         if self.ep_size != 1:

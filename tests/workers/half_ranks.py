@@ -1,5 +1,5 @@
 """2-rank worker for fp16 / bf16 training with DeepSpeed's real mixed-precision ZeRO 2 engine and LAMB (ep_size 2),
-fp16 on the CPU through mthl_ds.cpu_half. Modes:
+fp16 on the CPU through mthl_ds.runtime.cpu_half. Modes:
 
 ``overflow``: an inf injected into rank 1's gradient at steps 3 and 4; states captured before every step; then the
 same run resumed from its step-2 checkpoint. ``track``: 5 steps of fp16 and bf16 ZeRO 2 against fp32 stage 0.
@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
-from mthl_ds import cpu_half  # noqa: E402
+from mthl_ds.runtime import cpu_half  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
-from mthl_ds.collectives import all_gather_objects, barrier, world  # noqa: E402
+from mthl_ds.runtime.collectives import all_gather_objects, barrier, world  # noqa: E402
 from mthl_ds.train import Trainer  # noqa: E402
 
 BROKEN = (3, 4)
@@ -115,8 +115,8 @@ def precision(shards: Path, out: Path) -> dict:
     """Inside an fp16 engine's forward: the router runs in float32, the MI loss and B(D, E) are float32; and the
     same tied tokens, in batches of other content on each rank, take the same routes on both ranks."""
     cpu_half.enable()
-    from mthl_ds.engine import build_engine, ep_rank, init_distributed
-    from mthl_ds.models.mthl import build_model
+    from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
+    from mthl_ds.build import build_model
     from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
     init_distributed()
     rank, _ = world()

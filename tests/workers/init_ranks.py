@@ -1,8 +1,8 @@
 """Join the process group the deepspeed launcher describes, all-reduce one tensor, print the sum."""
 import torch
 
-from mthl_ds.collectives import all_reduce_sum, world
-from mthl_ds.engine import init_distributed
+from mthl_ds.runtime.collectives import all_reduce_sum, world
+from mthl_ds.runtime.engine import init_distributed
 
 init_distributed()
 rank, size = world()

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
 from mthl_ds.config import load_recipe  # noqa: E402
-from mthl_ds.collectives import all_gather_objects  # noqa: E402
+from mthl_ds.runtime.collectives import all_gather_objects  # noqa: E402
 from mthl_ds.train import NonFiniteLoss, Trainer  # noqa: E402
 
 

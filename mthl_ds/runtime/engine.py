@@ -1,0 +1,227 @@
+"""DeepSpeed at the edge: process group, DeepSpeed config, optimizer groups, LR schedule, engine."""
+from __future__ import annotations
+
+from mthl_ds.runtime import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
+
+import atexit
+import dataclasses
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from mthl_ds.runtime.collectives import all_reduce_, barrier, world
+from mthl_ds.config import Recipe, read_ds_config
+from mthl_ds.runtime.device import local_device
+from mthl_ds.runtime.optim import Lamb, attach_zero_layout
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join the process group the launcher describes (deepspeed, torchrun, srun). A process started without a
+    launcher is rank 0 of 1 on a free loopback port; it ignores the MASTER_* variables, so it cannot collide
+    with a port some other process left in the environment (it sets only LOCAL_RANK, which the engine needs).
+
+    ``timeout_s`` bounds the rendezvous and every collective of every group (``train.collective_timeout_s``): a rank
+    whose peers are gone or hung raises after it instead of waiting forever. DeepSpeed creates its ZeRO and expert
+    groups with ``new_group()`` and no timeout, for which torch takes its module default (30 min for gloo): that
+    default is set too, before any group exists.
+
+    With CUDA the backend is NCCL and the rank's device (``mthl_ds.runtime.device.local_device``) is made current first,
+    so that NCCL and every ``cuda`` tensor without an index use it; else gloo on the CPU."""
+    if torch.distributed.is_initialized():
+        return
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    else:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    atexit.register(leave_process_group)
+    if backend == "gloo":
+        release_shm_buffer()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter shuts down. Left to interpreter finalization, gloo's
+    worker threads could still hold work objects whose teardown needs the GIL, and a rank aborted after its
+    work was done ("terminate called without an active exception", SIGABRT; ~1 in 12 runs of a 2-rank job here,
+    which failed CI)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def release_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer.
+
+    On the CPU accelerator, DeepSpeed maps a ~70 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file per rank
+    (named after MASTER_ADDR / MASTER_PORT) when all ranks are on one node, and never removes it: every run
+    left ~70 MB per rank in /dev/shm, which is RAM, until a later run's ranks were killed (seen in CI). Once
+    every rank has mapped its peers' buffers (they do so inside ``init_distributed``; the barrier waits for
+    all), the names can go: the mappings stay valid and the memory is freed when the ranks exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def launcher_free_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables a launcher set, for a child process that
+    must start (or join) its own process group."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a rendezvous or a launcher's master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ep_rank(ep_size: int) -> int:
+    """This rank's index in its expert-parallel group: DeepSpeed groups consecutive ranks."""
+    return world()[0] % ep_size
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases and routers get no weight decay."""
+    return param.ndim <= 1 or ".routers." in name
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in decay / no-decay groups, split by DeepSpeed into MoE / non-MoE groups."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if is_no_decay(name, param) else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_optimizer(groups: list[dict], lr: float, kind: str = "lamb", zero_stage: int = 0) -> torch.optim.Optimizer:
+    """LAMB (the paper's, per-tensor trust ratios at every ZeRO stage: mthl_ds.runtime.optim), or AdamW."""
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    optimizer = Lamb(groups, lr=lr)
+    optimizer.partitioned = zero_stage in (1, 2)
+    return optimizer
+
+
+def triangular_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 to the peak LR, then linear decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def ds_config(recipe: Recipe, world_size: int) -> dict:
+    """The recipe's DeepSpeed JSON with the runtime values merged in."""
+    cfg = read_ds_config(recipe.train.ds_config)
+    micro = max(d.batch_size for d in recipe.datasets.values())  # bookkeeping only: batches vary per dataset
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
+               train_batch_size=micro * world_size, gradient_clipping=recipe.train.grad_clip)
+    return cfg
+
+
+def build_engine(model: nn.Module, recipe: Recipe):
+    """``deepspeed.initialize`` with LAMB, the triangular schedule and the merged config."""
+    _, world_size = world()
+    config = ds_config(recipe, world_size)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    lamb_clips = recipe.train.optimizer == "lamb" and stage in (1, 2)
+    if lamb_clips:  # LAMB clips by ZeRO's global norm on the device; DeepSpeed's clipping reads it on the host
+        config["gradient_clipping"] = 0.0
+    optimizer = build_optimizer(optimizer_groups(model, recipe.train.weight_decay), recipe.train.lr,
+                                recipe.train.optimizer, stage)
+    scheduler = triangular_schedule(optimizer, recipe.train.warmup_steps, recipe.train.steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=config)
+    attach_zero_layout(engine, recipe.train.grad_clip if lamb_clips else 0.0)
+    if stage == 0:
+        use_exact_moe_clipping(engine)
+    return engine, optimizer, scheduler
+
+
+def use_exact_moe_clipping(engine) -> None:
+    """Clip stage-0 gradients by the true global norm of a model with expert parallelism.
+
+    DeepSpeed's stage-0 ``clip_grad_norm_`` averages each rank's local norm (shared tensors plus *its own*
+    experts) over ranks, which is not the norm of the whole gradient, so the clip factor, and the training,
+    change with ep_size. Here: shared tensors' squares (already averaged, the same on every rank) plus the
+    experts' squares summed over each expert-parallel group. ZeRO 1/2 already compute the exact norm. The norms
+    and the factor stay on the gradients' device (multi-tensor norms, one multi-tensor scale): no host sync.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        if not params:
+            return
+        shared = [p.grad for p in params if not is_moe_param(p)]
+        experts: dict[str, list[torch.Tensor]] = {}
+        for p in params:
+            if is_moe_param(p):
+                experts.setdefault(p.group_name, []).append(p.grad)
+        total = squares(shared) if shared else params[0].grad.new_zeros((), dtype=torch.float32)
+        for name, grads in experts.items():
+            total = total + all_reduce_(squares(grads), group=groups._get_expert_parallel_group(name))
+        coef = (engine.gradient_clipping() / (total.sqrt() + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dtype))
+
+    engine.clip_fp32_gradients = clip
+
+
+def engine_state_bytes(engine) -> dict[str, int]:
+    """What a DeepSpeed engine holds between steps, measured: its module's weights and the tensors of its
+    (ZeRO) optimizer and the optimizer inside it (master copies, moments), each storage once."""
+    params = list(engine.module.parameters())
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: set = set()
+    weights = tensor_bytes(params, set(), set())
+    holders = [engine.optimizer] + ([engine.optimizer.optimizer] if hasattr(engine.optimizer, "optimizer") else [])
+    optimizer = sum(tensor_bytes(v, seen, skip) for h in holders for k, v in vars(h).items() if k != "param_groups")
+    return {"weights": weights, "optimizer": optimizer}
+
+
+def tensor_bytes(obj, seen: set, skip: set) -> int:
+    """Bytes of the tensors in nested dicts / lists / tuples, each storage once, storages in ``skip`` not at all."""
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen or ptr in skip or obj.numel() == 0:
+            return 0
+        seen.add(ptr)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen, skip) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen, skip) for v in obj)
+    if dataclasses.is_dataclass(obj):  # e.g. LAMB's partition layouts and what they keep on the device
+        return tensor_bytes(vars(obj), seen, skip)
+    return 0
