@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 
-from mthl_ds.artifacts import surgery
 from mthl_ds.adapt_modes import MODES, ROUTERS
 from mthl_ds.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
 from mthl_ds.artifacts.export import load_export, read_metadata
 from mthl_ds.artifacts.adapted import adapted_model
+from mthl_ds.models.counting import count_parameters, image_flops
 from mthl_ds.models.mthl import MTHLModel
 
 
@@ -102,18 +101,12 @@ def run_mode(model: Path, data: NewDataset, mode: str, out: Path, train: dict, s
     return row
 
 
-@torch.no_grad()
 def adaptation_figures(model: MTHLModel, data: NewDataset) -> dict:
     """Table 3's columns: trainable and model parameters (backbone + the dataset's head; other heads and
     routers are gone) and backbone FLOPs per image of the dataset's size (torch's counter, 2 per MAC)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model.eval()
-    model.set_dataset(data.name)
-    with FlopCounterMode(display=False) as counter:
-        model.backbone(torch.zeros(1, 3, *data.size))
-    return {"trainable_params": surgery.count_parameters(model, trainable_only=True),
-            "model_params": surgery.count_parameters(model),
-            "flops": counter.get_total_flops()}
+    flops = image_flops(model, data.name, data.size)
+    return {"trainable_params": count_parameters(model, trainable_only=True),
+            "model_params": count_parameters(model), "flops": flops}
 
 
 # ------------------------------------------------------------------------------------------ the Table-3 report

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def cmd_model_info(args) -> int:
     info = model_info(recipe)
     print(json.dumps(info, indent=2) if args.json else format_info(recipe.name, info))
     return 0
+
+
+def cmd_train(args) -> int:
+    from mthl_ds.train import main as train_main
+    return train_main(args.train_args)
 
 
 def cmd_demo(args) -> int:
@@ -246,6 +252,8 @@ def cmd_adapt_report(args) -> int:
             if (out / "result.json").is_file() and not args.force:
                 rows.append(json.loads((out / "result.json").read_text()))
                 continue
+            if args.force:  # trained afresh: a run folder left there would be resumed at its last step instead
+                shutil.rmtree(out, ignore_errors=True)
             try:
                 rows.append(run_mode(args.model, new_dataset(args, name, folder), mode, out, train_settings(args)))
             except ConfigError as e:
@@ -272,15 +280,22 @@ def add_device_argument(p) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mthl-ds", description="Multi-task heterogeneous learners on DeepSpeed-MoE")
+    # the deepspeed launcher's; LOCAL_RANK is read
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", add_help=False, help="train a recipe under whatever launcher started the process "
+                       "(deepspeed, torchrun, srun, none): mthl-ds train --recipe NAME --out RUN_DIR "
+                       "[--set KEY=VALUE]; see mthl-ds train --help")
+    p.set_defaults(fn=cmd_train)
     p = sub.add_parser("recipes", help="list the recipes")
     p.set_defaults(fn=cmd_recipes)
     p = sub.add_parser("model-info", help="parameters and FLOPs of a recipe's model and its dense twin")
     p.add_argument("recipe")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    p.add_argument("--memory", action="store_true", help="per-GPU memory plan: states from the ZeRO layout, activations "
-                   "measured at batch 1 and 2 at the real input sizes and extrapolated to the recipe's batch")
+    p.add_argument("--memory", action="store_true", help="per-GPU memory plan: states from the ZeRO layout, "
+                   "activations measured at batch 1 and 2 at the real input sizes and extrapolated to the recipe's "
+                   "batch")
     p.add_argument("--gpus", type=int, default=96, help="--memory: GPUs of the run")
     p.add_argument("--gpu-memory", default="16,32", metavar="GB,GB", help="--memory: card sizes to check")
     p.set_defaults(fn=cmd_model_info)
@@ -338,7 +353,10 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="dataset name recorded in the index")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
-    p.add_argument("--force", action="store_true", help="replace an existing shard set (only once the new one is complete)")
+    p.add_argument(
+    "--force",
+    action="store_true",
+     help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb", "gpu"],
@@ -428,7 +446,11 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="re-run modes that already have a result")
     add_adapt_arguments(p)
     p.set_defaults(fn=cmd_adapt_report)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_args = rest  # parsed by mthl_ds.train, which documents them
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

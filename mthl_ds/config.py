@@ -118,7 +118,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
-    collective_timeout_s: float = 600.0  # a rank waiting this long on a lost or hung peer raises (engine.init_distributed)
+    # a rank waiting this long on a lost or hung peer raises (engine.init_distributed)
+    collective_timeout_s: float = 600.0
     nonfinite: Literal["skip", "stop"] = "skip"  # what every rank does when any rank's loss is not finite
     deterministic: bool = False  # bitwise-repeatable GPU kernels where torch has them (slower); CPU runs already are
     aes: Optional[AESConfig] = None  # adaptive K per dataset (AdaMV-MoE); None: K stays as configured

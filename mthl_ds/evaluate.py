@@ -126,7 +126,13 @@ def run_evaluate(model_path: Path, data: list[tuple[str, Path]], split: str = "v
             raise InputError(f"--annotations {name}={path}: {name!r} is not a detection dataset of --data")
         truth[name] = coco_annotations(path)
     results = evaluate(model, model, configs, val_sets, ground_truth=truth, original=original, device=device)
-    protocol = {n: task_spec(c.task).protocol(val_sets[n], (annotations or {}).get(n), original) for n, c in configs.items()}
+    protocol = {
+    n: task_spec(
+        c.task).protocol(
+            val_sets[n],
+            (annotations or {}).get(n),
+            original) for n,
+             c in configs.items()}
     summary = {"model": str(model_path), "label": label, "split": split, "device": str(device), "protocol": protocol,
                "results": results}
     if out is not None:

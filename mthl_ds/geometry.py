@@ -1,4 +1,5 @@
-"""Input geometry and the constants every layer shares: the sizes the backbones accept, checked when a recipe is loaded (no model is built, nothing heavy imported).
+"""Input geometry and the constants every layer shares (ImageNet normalisation, the ignored mask value): the
+sizes the backbones accept, checked when a recipe is loaded (no model is built, nothing heavy imported).
 
 Every backbone here has a total stride of 32: Swin and DaViT a stride-4 stem and three 2x downsamplings, a ViT
 its 16-pixel patches and the feature pyramid's 2x pool. A side that is a multiple of 32 gives stage features of
@@ -67,4 +68,5 @@ def size_problem(backbone: str, img_size: int, task: str, size: Sequence[int]) -
     need = f"sides that are multiples of {STRIDE} (the total stride)"
     if window is not None:
         need += f" and at least {low} (one {min(window, max(1, img_size // STRIDE))}-wide window in the last stage)"
-    return f"{what}does not fit {backbone}, which needs {need}; nearest valid: {list(nearest_valid(size, backbone, img_size))}"
+    nearest = list(nearest_valid(size, backbone, img_size))
+    return f"{what}does not fit {backbone}, which needs {need}; nearest valid: {nearest}"

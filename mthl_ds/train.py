@@ -1,8 +1,9 @@
-"""The training job. Runs under any launcher, or none:
+"""The training job, ``mthl-ds train``. Runs under any launcher, or none:
 
-    deepspeed --num_gpus N -m mthl_ds.train --recipe NAME --out RUN_DIR [--set key=value ...]
-    torchrun --nproc_per_node N -m mthl_ds.train --recipe NAME --out RUN_DIR
-    python -m mthl_ds.train --recipe NAME --out RUN_DIR                        # one rank
+    deepspeed --num_gpus N --module mthl_ds train --recipe NAME --out RUN_DIR [--set key=value ...]
+    torchrun --nproc_per_node N -m mthl_ds train --recipe NAME --out RUN_DIR
+    mthl-ds train --recipe NAME --out RUN_DIR                                  # one rank
+    python -m mthl_ds.train --recipe NAME --out RUN_DIR                        # the same, as before the verb
 
 A run folder holds the resolved config, per-step metrics (JSONL + TensorBoard), checkpoints and the final
 report. Started again with the same folder, a run resumes from its latest complete checkpoint.
@@ -40,7 +41,9 @@ from mthl_ds.runtime.engine import build_engine, engine_state_bytes, ep_rank, in
 from mthl_ds.evaluate import evaluate, pipeline_config
 
 from mthl_ds.artifacts.adapted import build_run_model, resolve_source
+from mthl_ds.build import training_loss
 from mthl_ds.runtime.optim import Lamb
+from mthl_ds.runfiles import MetricsLog, keep_metrics, row_kind
 
 log = logging.getLogger("mthl_ds.train")
 
@@ -138,9 +141,9 @@ def resolved(records: list[dict]) -> list[dict]:
     return out
 
 def logged_by(row: dict, steps_done: int) -> bool:
-    """Whether a metrics row belongs to a run that has done ``steps_done`` steps: a loss row's ``step`` is its
+    """Whether a metrics row belongs to a run that has done ``steps_done`` steps: a training row's ``step`` is its
     step's index; AES and eval rows give the steps done when they were taken (at, or after, that checkpoint)."""
-    return row.get("step", 0) < steps_done if "loss" in row else row.get("step", 0) <= steps_done
+    return row.get("step", 0) < steps_done if row_kind(row) == "train" else row.get("step", 0) <= steps_done
 
 # ------------------------------------------------------------------------------------------------ the trainer
 
@@ -210,9 +213,8 @@ class Trainer:
 
     def start_loaders(self, states: dict) -> None:
         """Build the training loaders and fork their workers now, before the model exists. A worker forked later
-        shares the rank's pages copy-on-write, and each page the optimizer writes afterwards is copied: at the
-        paper's sizes that was GBs per worker (the 2-rank fp16 ``mthl_swin_s`` rehearsal was OOM-killed by its
-        ADE20K workers, forked at step 3 from 5.5 GiB ranks)."""
+        shares the rank's pages copy-on-write, and each page the optimizer writes afterwards is copied into it:
+        at the paper's sizes, GiBs per worker."""
         r = self.recipe
         self.loaders = {n: DatasetLoader(self.sets[n][0], make_decoder(pipeline_config(r, n), train=True),
                                          d.batch_size, self.rank, self.world, r.train.seed, r.train.workers,
@@ -242,14 +244,11 @@ class Trainer:
             info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         path.write_text(json.dumps(info, indent=1) + "\n")
 
-    def open_metrics(self):
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():  # drop what a killed run logged after its last checkpoint
-            rows = [(line, json.loads(line)) for line in path.read_text().splitlines()]
-            kept = [(line, row) for line, row in rows if logged_by(row, self.step)]
-            self.history = [row for _, row in kept if "loss" in row]
-            path.write_text("".join(line + "\n" for line, _ in kept))
-        return path.open("a")
+    def open_metrics(self) -> MetricsLog:
+        # drop what a killed run logged after its last checkpoint
+        kept = keep_metrics(self.run_dir, lambda row: logged_by(row, self.step))
+        self.history = [row for row in kept if row["kind"] == "train"]
+        return MetricsLog(self.run_dir)
 
     # ---- one step
     def train_step(self, step: int) -> dict:
@@ -267,10 +266,8 @@ class Trainer:
         name = self.sampler.dataset_at(step)
         batch = to_device(next(self.loaders[name]), self.device, self.model.dtype)
         self.model.set_dataset(name)
-        output = self.engine(batch["image"])
-        task_loss, parts = self.model.heads[name].loss(output, batch, reduce_mean=all_reduce_mean)
-        router_loss = self.model.backbone.router_loss()
-        loss = r.datasets[name].loss_weight * task_loss + router_loss
+        loss, task_loss, parts = training_loss(self.model, r, name, batch, output=self.engine(batch["image"]),
+                                               reduce_mean=all_reduce_mean)
         nonfinite = self.nonfinite_ranks(loss)
         applied = nonfinite.sum() == 0
         record = {"step": step, "dataset": name, "loss": task_loss.detach(), **parts,
@@ -356,8 +353,8 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: ranks disagree on K after an AES check (this rank: "
                                f"{self.selection.top_k})")
         if self.rank == 0:
-            self.metrics_file.write(json.dumps({"step": self.step, "aes": {
-                "heldout_loss": losses, "top_k": self.selection.top_k, "changes": changes}}) + "\n")
+            self.metrics_file.write("aes", {"step": self.step, "aes": {
+                "heldout_loss": losses, "top_k": self.selection.top_k, "changes": changes}})
             for c in changes:
                 tqdm.write(f"AES step {c['step']}: {c['dataset']} K {c['k_from']} -> {c['k_to']} ({c['action']}; "
                            f"held-out loss {c['loss']:.4f}, best {c['best']:.4f})")
@@ -387,7 +384,7 @@ class Trainer:
     # ---- evaluation
     def evaluate(self) -> dict:
         """Val metrics, read in the rank's own process: a DataLoader worker forked here, after the process group
-        and the training loaders' threads exist, once hung a rank (seen in CI, zero2 resume test)."""
+        and the training loaders' threads exist, can inherit a lock another thread holds and hang the rank."""
         self.engine.eval()
         results = evaluate(self.engine, self.model, self.recipe.datasets, {n: v for n, (_, v) in self.sets.items()},
                            self.rank, self.world, workers=0, reduce_sum=all_reduce_sum, gather=all_gather_objects,
@@ -414,8 +411,7 @@ class Trainer:
 
     # ---- logging and the run
     def log_step(self, record: dict) -> None:
-        self.history.append(record)
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.history.append(self.metrics_file.write("train", record))
         for key, value in record.items():
             if isinstance(value, float):
                 self.tb.add_scalar(f"{record['dataset']}/{key}" if "/" not in key else key, value, record["step"])
@@ -465,7 +461,7 @@ class Trainer:
 
     def log_eval(self, results: dict) -> None:
         if self.rank == 0:
-            self.metrics_file.write(json.dumps({"step": self.step, "eval": results}) + "\n")
+            self.metrics_file.write("eval", {"step": self.step, "eval": results})
             for name, r in results.items():
                 self.tb.add_scalar(f"{name}/eval_{r['metric']}", r["value"], self.step)
 
@@ -484,13 +480,14 @@ class Trainer:
             print(f"{name:<10} {r['task']:<15} {r['metric']} {r['value']:.2f} (chance {r['chance']:.2f})")
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mthl_ds.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mthl-ds train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--out", type=Path, required=True, help="the run folder (resumed if it has checkpoints)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cpu-fp16", action="store_true",
-                        help="fp16 on CPU ranks (rehearsals, tests): fp16 matmuls in float32, see mthl_ds.runtime.cpu_half")
+                        help="fp16 on CPU ranks (rehearsals, tests): fp16 matmuls in float32, "
+                             "see mthl_ds.runtime.cpu_half")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     if args.cpu_fp16:
@@ -501,7 +498,7 @@ def main(argv=None) -> int:
         trainer = Trainer(recipe, args.out)
         trainer.run()
     except (ConfigError, ShardError, CheckpointError, NonFiniteLoss) as e:
-        print(f"mthl_ds.train: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"mthl-ds train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return EXIT_STOPPED if trainer.stopped_early else 0
 

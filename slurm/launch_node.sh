@@ -3,7 +3,7 @@
 # train.sbatch runs it once per node through srun; tests run it twice on loopback as 2 "nodes".
 #
 # Needs: HOSTFILE (one "host slots=N" line per node), NODE_RANK, MASTER_ADDR, MASTER_PORT, RECIPE, RUN_DIR.
-# Extra arguments go to mthl_ds.train (e.g. --set train.steps=1000).
+# Extra arguments go to `mthl-ds train` (e.g. --set train.steps=1000).
 set -euo pipefail
 : "${HOSTFILE:?}" "${NODE_RANK:?}" "${MASTER_ADDR:?}" "${MASTER_PORT:?}" "${RECIPE:?}" "${RUN_DIR:?}"
 PYTHON=${PYTHON:-python}
@@ -16,4 +16,4 @@ if ! "$PYTHON" -c "import mthl_ds" 2>&1; then
 fi
 exec "$PYTHON" -m deepspeed.launcher.runner --no_ssh --hostfile "$HOSTFILE" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  --module mthl_ds.train --recipe "$RECIPE" --out "$RUN_DIR" "$@"
+  --module mthl_ds train --recipe "$RECIPE" --out "$RUN_DIR" "$@"

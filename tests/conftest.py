@@ -30,15 +30,16 @@ def run_ranks(worker: str, nprocs: int, args: list[str], timeout: int = 600) -> 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        pytest.fail(f"{worker} on {nprocs} ranks failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"{worker} on {nprocs} ranks failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
 def train_cli(run_dir: Path, overrides: list[str], nprocs: int = 2, timeout: int = 600,
               recipe: str = "demo") -> subprocess.CompletedProcess:
-    """``python -m mthl_ds.train`` on ``nprocs`` torchrun ranks; fails with its output."""
+    """``mthl-ds train`` (as ``python -m mthl_ds train``) on ``nprocs`` torchrun ranks; fails with its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
-           "-m", "mthl_ds.train", "--recipe", recipe, "--out", str(run_dir)]
+           "-m", "mthl_ds", "train", "--recipe", recipe, "--out", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

@@ -14,6 +14,7 @@ from mthl_ds.config import ConfigError, load_recipe
 from mthl_ds.errors import ExportError
 from mthl_ds.artifacts.export import export_run, load_export, read_metadata, save_export
 from mthl_ds.build import build_model
+from mthl_ds.models.counting import count_parameters
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
 from mthl_ds.moe.layer import MoEMlp
 from mthl_ds.analysis.stats import RouteRecorder, routing_statistics, write_statistics
@@ -264,7 +265,7 @@ def test_two_phase_prune_mode_reports_table3_figures(shards, source, tmp_path):
     model, meta = load_export(tmp_path / "hybrid_b" / "phase2" / "model.safetensors")
     assert meta["model"]["experts_per_layer"] == [4] * 5 and meta["model"]["datasets"]["pets"]["top_k"] == 3
     routers = load_export(tmp_path / "hybrid_b" / "phase1" / "model.safetensors")[0]
-    assert row["model_params"] < surgery.count_parameters(routers)
+    assert row["model_params"] < count_parameters(routers)
     assert 0 < row["trainable_params"] < row["model_params"] and row["flops"] > 0 and row["metric"] == "top1"
     assert [r["op"] for r in meta["surgery"]] == ["add_dataset", "drop_dataset", "drop_dataset", "drop_dataset",
                                                  "keep_experts", "set_top_k"]

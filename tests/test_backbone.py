@@ -37,7 +37,8 @@ def test_moeify_replaces_paper_placement(name):
     if PAPER[name] < len(blocks):  # every second MLP: indices 1, 3, 5, ...
         assert [i for i, k in enumerate(kinds) if k is MoEMlp] == list(range(1, len(blocks), 2))
     layer = model.moe_layers[0]
-    dense_hidden = dense_blocks[0].mlp.fc1.out_features if PAPER[name] == len(blocks) else dense_blocks[1].mlp.fc1.out_features
+    dense_hidden = dense_blocks[0].mlp.fc1.out_features if PAPER[name] == len(
+        blocks) else dense_blocks[1].mlp.fc1.out_features
     assert layer.num_experts == 12 and layer.gate.top_k == {"imagenet": 4, "coco": 4}
     assert layer.hidden == dense_hidden // 4
 

@@ -200,7 +200,8 @@ def test_vit_adamv_recipe_trains_with_ep2_and_aes_agrees_survives_resume_and_exp
     assert f"at step {int(grown.name[4:])}" in proc.stderr
     again = read_rows(resumed)
     assert [r for r in again if "aes" in r] == [r for r in rows if "aes" in r]
-    assert [(r["step"], r["loss"]) for r in again if "loss" in r] == [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again if "loss" in r] == [
+             (r["step"], r["loss"]) for r in rows if "loss" in r]
     # `mthl-ds stats` on checkpoint folders: convergence against an earlier one, gradient cosine, expert maps
     from mthl_ds.cli import main
     out = tmp_path / "stats"

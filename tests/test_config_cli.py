@@ -115,3 +115,17 @@ def test_cli_config_error_exit_code():
     proc = subprocess.run([sys.executable, "-m", "mthl_ds.cli", "model-info", "demo", "--set", "train.bogus=1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown key(s) ['bogus']" in proc.stderr
+
+
+def test_train_is_a_verb_that_hands_its_arguments_to_the_trainer(tmp_path):
+    """``mthl-ds train`` (and ``python -m mthl_ds train``, what the deepspeed launcher's ``--module mthl_ds`` runs,
+    with its ``--local_rank``) parses the trainer's own arguments; other verbs still refuse unknown ones."""
+    help_ = subprocess.run([sys.executable, "-m", "mthl_ds", "--local_rank=0", "train", "--help"],
+                           capture_output=True, text=True)
+    assert help_.returncode == 0 and "usage: mthl-ds train" in help_.stdout and "--recipe" in help_.stdout
+    bad = subprocess.run([sys.executable, "-m", "mthl_ds", "train", "--recipe", "demo", "--out", str(tmp_path / "r"),
+                          "--set", "train.bogus=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown key(s) ['bogus']" in bad.stderr and not (tmp_path / "r").exists()
+    other = subprocess.run([sys.executable, "-m", "mthl_ds", "recipes", "--recipe", "demo"], capture_output=True,
+                           text=True)
+    assert other.returncode == 2 and "unrecognized arguments: --recipe demo" in other.stderr

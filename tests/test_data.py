@@ -343,4 +343,5 @@ def test_real_size_data_benchmark_gives_workers_per_gpu():
     for r in rows.values():
         assert r["images_per_s_per_worker"] > 0 and r["source"]
         assert r["workers_per_gpu"] == math.ceil(r["images_per_s_needed"] / r["images_per_s_per_worker"]) >= 1
-    assert rows["classification"]["images_per_s_needed"] == pytest.approx(64 / rows["classification"]["v100_step_s"], rel=1e-2)
+    assert rows["classification"]["images_per_s_needed"] == pytest.approx(
+        64 / rows["classification"]["v100_step_s"], rel=1e-2)

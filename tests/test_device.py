@@ -43,8 +43,10 @@ def collective_calls(path: Path) -> list[str]:
 
 def test_collectives_are_called_in_one_module():
     calls = {str(p.relative_to(PACKAGE.parent)): collective_calls(p) for p in sorted(PACKAGE.rglob("*.py"))}
-    assert calls["mthl_ds/runtime/collectives.py"], "the scan finds nothing: it no longer sees the collectives module's calls"
-    outside = [f"{name}: {c}" for name, found in calls.items() if name != "mthl_ds/runtime/collectives.py" for c in found]
+    assert calls["mthl_ds/runtime/collectives.py"], \
+        "the scan finds nothing: it no longer sees the collectives module's calls"
+    outside = [f"{name}: {c}" for name, found in calls.items(
+    ) if name != "mthl_ds/runtime/collectives.py" for c in found]
     assert not outside, f"torch.distributed collectives outside mthl_ds/runtime/collectives.py: {outside}"
 
 

@@ -32,7 +32,8 @@ def test_expert_parallel_equals_one_process(ranks):
     loss.backward()
     torch.testing.assert_close(torch.cat([ranks[0]["ep"]["logits"], ranks[1]["ep"]["logits"]]), logits.detach(),
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close((ranks[0]["ep"]["loss"] + ranks[1]["ep"]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((ranks[0]["ep"]["loss"] + ranks[1]["ep"]["loss"]) / \
+                               2, loss.detach(), rtol=1e-5, atol=1e-6)
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     got = {**ranks[1]["ep"]["grads"], **ranks[0]["ep"]["grads"]}
     assert set(expected) <= set(got)

@@ -65,7 +65,8 @@ def write_cub(root):
         labels.append(f"{i} {c + 1}")
         split.append(f"{i} {1 if i <= 4 else 0}")
     for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", split), ("classes.txt", [f"{i + 1} {c}" for i, c in enumerate(classes)])):
+                        ("train_test_split.txt", split),
+                        ("classes.txt", [f"{i + 1} {c}" for i, c in enumerate(classes)])):
         (root / name).write_text("\n".join(lines) + "\n")
 
 
@@ -278,7 +279,8 @@ def test_nyu40_layout_zero_is_unlabelled(tmp_path):
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
     Image.fromarray(np.full((8, 12, 3), 120, np.uint8)).save(root / "images" / "train" / "0003.png")
-    Image.fromarray(np.array([0, 1, 40] * 32, np.uint8).reshape(8, 12)).save(root / "annotations" / "train" / "0003.png")
+    Image.fromarray(np.array([0, 1, 40] * 32, np.uint8).reshape(8, 12)
+                    ).save(root / "annotations" / "train" / "0003.png")
     index = same_output_for_any_worker_count(tmp_path, "nyu", root=root, split="train")
     assert index["num_classes"] == 40 and index["classes"][:2] == ["wall", "floor"] and index["num_samples"] == 1
     members = samples_of(tmp_path / "w1")["0003"]

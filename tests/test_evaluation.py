@@ -28,7 +28,8 @@ def hand_made_detections(gt: dict, seed: int = 0) -> list[dict]:
     for ann in gt["annotations"]:
         x, y, w, h = ann["bbox"]
         jitter = rng.normal(0, 3, size=4)
-        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": float(rng.uniform(0.3, 1)),
+        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                     "score": float(rng.uniform(0.3, 1)),
                      "bbox": [x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])]})
         if rng.random() < 0.3:  # a false positive of another category
             other = [c["id"] for c in gt["categories"] if c["id"] != ann["category_id"]][0]

@@ -84,16 +84,17 @@ LAYERS = [
                                                "mthl_ds.predict", "mthl_ds.adapt"]),
     ("studies: demo, rehearse, stability, memory plan, model info, benchmarks, the synthetic world",
      ["mthl_ds.studies"]),
-    ("the command line and the package's face", ["mthl_ds.cli", "mthl_ds"]),
+    ("the command line and the package's face", ["mthl_ds.cli", "mthl_ds.__main__", "mthl_ds"]),
 ]
 
 
 def layer_of(module: str) -> int:
-    """The layer of ``module``: the one naming it or, failing that, its longest named package."""
+    """The layer of ``module``: the one naming it or, failing that, its longest named subpackage (the package
+    ``mthl_ds`` itself names its ``__init__`` alone)."""
     best = None
     for i, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
+            if module == prefix or (prefix != "mthl_ds" and module.startswith(prefix + ".")):
                 if best is None or len(prefix) > best[1]:
                     best = (i, len(prefix))
     if best is None:

@@ -62,7 +62,8 @@ def test_timms_filter_resamples_a_vit_checkpoint_of_another_size(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_file_and_keys(tmp_path):
     timm_checkpoint(tmp_path / "davit.pth", "davit_debug", 64, seed=0)
-    with pytest.raises(ConfigError, match=r"davit\.pth is not a checkpoint of SwinTransformer.*missing: patch_embed.*unexpected: stem\.conv"):
+    with pytest.raises(ConfigError, match=r"davit\.pth is not a checkpoint of SwinTransformer"
+                                          r".*missing: patch_embed.*unexpected: stem\.conv"):
         build_backbone("swin_debug", ["a"], None, img_size=64, init_from=str(tmp_path / "davit.pth"))
     state = timm_checkpoint(tmp_path / "narrow.pth", "swin_debug", 64, seed=0)
     torch.save({k: v[:1] if k == "norm.weight" else v for k, v in state.items()}, tmp_path / "narrow.pth")

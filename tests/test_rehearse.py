@@ -14,10 +14,11 @@ from mthl_ds.config import load_recipe
 from mthl_ds.runtime.engine import launcher_free_env
 
 
-def rehearse(tmp_path_factory, recipe, precision):
+def rehearse(tmp_path_factory, recipe, precision, settings=()):
     out = tmp_path_factory.mktemp(f"rehearse_{recipe}")
+    sets = [arg for s in settings for arg in ("--set", s)]
     proc = subprocess.run([sys.executable, "-m", "mthl_ds.cli", "rehearse", recipe, "--ranks", "2", "--precision",
-                           precision, "--no-dense", "--out", str(out)], capture_output=True, text=True,
+                           precision, "--no-dense", "--out", str(out), *sets], capture_output=True, text=True,
                           env=launcher_free_env(), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "rehearsal.json").read_text()), proc.stdout
@@ -25,7 +26,7 @@ def rehearse(tmp_path_factory, recipe, precision):
 
 @pytest.fixture(scope="module")
 def swin_t(tmp_path_factory):
-    result = rehearse(tmp_path_factory, "mthl_swin_t", "fp16")
+    result = rehearse(tmp_path_factory, "mthl_swin_t", "fp16", ["train.seed=7"])
     yield result
     shutil.rmtree(result[0])  # GBs of real-size checkpoints: gone before the next module's run
 
@@ -69,6 +70,7 @@ def test_swin_t_fp16_at_the_papers_shapes(swin_t):
     out, result, stdout = swin_t
     plan = check_run(out, result, experts=12)
     assert result["precision"] == "fp16" and plan["precision"] == "fp16"
+    assert "seed: 7" in (out / "run" / "config.yaml").read_text()  # --set reaches the run's recipe
     coco = result["datasets"]["coco"]
     # 800 x 1344 / 4^2 = 67200 tokens per image at the first stage; capacity ceil(1.0 * 4 * S / 12)
     assert coco["tokens_per_moe_call"] == 67200 and coco["capacity"] == 22400

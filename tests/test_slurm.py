@@ -178,8 +178,10 @@ def test_two_node_job_places_ranks_on_both_nodes(two_nodes):
     assert [(logs / f"node-{n}.rc").read_text().strip() for n in (0, 1)] == ["0", "0"]
     placed = [(r["rank"], r["world"], r["host"], r["SLURM_NODEID"], r["CROSS_RANK"], r["LOCAL_RANK"], r["MASTER_ADDR"])
               for r in launch_records(run_dir)]
-    assert placed == [(0, 4, "mthl-node0", "0", "0", "0", "mthl-node0"), (1, 4, "mthl-node0", "0", "0", "1", "mthl-node0"),
-                      (2, 4, "mthl-node1", "1", "1", "0", "mthl-node0"), (3, 4, "mthl-node1", "1", "1", "1", "mthl-node0")]
+    assert placed == [(0, 4, "mthl-node0", "0", "0", "0", "mthl-node0"),
+                      (1, 4, "mthl-node0", "0", "0", "1", "mthl-node0"),
+                      (2, 4, "mthl-node1", "1", "1", "0", "mthl-node0"),
+                      (3, 4, "mthl-node1", "1", "1", "1", "mthl-node0")]
     assert all(r["SLURM_JOB_ID"] == job and r["end_step"] == STEPS for r in launch_records(run_dir))
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert set(final) == {"imagenet", "coco", "ade20k"}

@@ -163,9 +163,9 @@ def voc_map(ground_truth: dict, detections: list[dict], method: str, iou_thresho
     """PASCAL VOC mAP at IoU 0.5, as the VOC devkit: per class, detections by descending score; each takes the
     ground-truth box of its image it overlaps most: a true positive if IoU >= 0.5 and that box is not matched yet,
     else a false positive; on a ``difficult`` box (``iscrowd`` in ``ground_truth``, as the VOC converter writes it)
-    it counts as neither, and difficult boxes are not positives. Classes without a positive are left out of the mean (as mmdet's
-    eval_map). Boxes are continuous xywh: IoU without the devkit's +1 on integer pixel boxes (the converter
-    already turned VOC's inclusive pixel boxes into spans)."""
+    it counts as neither, and difficult boxes are not positives. Classes without a positive are left out of the
+    mean (as mmdet's eval_map). Boxes are continuous xywh: IoU without the devkit's +1 on integer pixel boxes
+    (the converter already turned VOC's inclusive pixel boxes into spans)."""
     def xyxy(b):
         return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], dtype=np.float64)
 

@@ -105,9 +105,10 @@ def write_report(run_dir: Path, recipe: Recipe, history: list[dict], results: di
                  usage: dict[str, torch.Tensor], mix: dict) -> Path:
     plot_losses(history, run_dir / "losses.png")
     plot_metrics(results, run_dir / "metrics.png")
+    moe = recipe.model.moe
+    kind = "dense (MTHL.D)" if moe is None else f"MoE {moe.num_experts} experts, top-{moe.top_k}"
     lines = [f"# Run report: {recipe.name}", "", f"{len(history)} logged steps of {recipe.train.steps}; "
-             f"backbone `{recipe.model.backbone}`, " + ("dense (MTHL.D)" if recipe.model.moe is None else
-                                                        f"MoE {recipe.model.moe.num_experts} experts, top-{recipe.model.moe.top_k}"),
+             f"backbone `{recipe.model.backbone}`, " + kind,
              "", "## Evaluation", "", "| dataset | task | metric | value | chance | all |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         extra = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["all"].items())

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from mthl_ds.data.pipelines import MEAN, STD, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.runtime.device import to_device
+from mthl_ds.models.counting import count_parameters
 from mthl_ds.models.mthl import MTHLModel
+from mthl_ds.moe.gate import Routes
 from mthl_ds.analysis.plots import plt
 from mthl_ds.analysis.report import plot_usage
 
@@ -54,8 +56,8 @@ class RouteRecorder:
                       for i, g in enumerate(self.gates)]
         return self
 
-    def _record(self, index: int, output) -> None:
-        self.ranked[index].append(output[3].long().t().cpu())  # (tokens, K) expert indices, highest gate first
+    def _record(self, index: int, routes: Routes) -> None:
+        self.ranked[index].append(routes.indices.long().t().cpu())  # (tokens, K) expert indices, highest gate first
 
     def take_ranked(self) -> list[torch.Tensor]:
         """Per gate (``model.backbone.gates`` order), since the last take: (tokens, K) chosen experts, top-1
@@ -254,8 +256,9 @@ def shared_parameters(model: MTHLModel, pattern: Optional[str] = None) -> dict[s
     output projections of MoE attention. ``pattern``: keep only names matching this regular expression."""
     backbone = model.backbone
     routed = {id(p) for g in backbone.gates for p in g.parameters()}
-    routed |= {id(p) for layer in backbone.moe_layers for p in layer.local_mlps.parameters()}
-    routed |= {id(p) for layer in backbone.attention_layers for p in (*layer.query.parameters(), *layer.out.parameters())}
+    routed |= {id(p) for layer in backbone.moe_layers for _, p in layer.expert_parameters()}
+    routed |= {id(p) for layer in backbone.attention_layers for p in (
+        *layer.query.parameters(), *layer.out.parameters())}
     chosen = {n: p for n, p in backbone.named_parameters() if id(p) not in routed
               and (pattern is None or re.search(pattern, n))}
     if not chosen:
@@ -291,7 +294,7 @@ def gradient_cosine(model: MTHLModel, data: dict[str, ShardSet], sizes: dict[str
         raise ValueError(f"no batch to compare: {list(data)} gave no images")
     overall = [r["overall"] for r in rows]
     tensors = [c for r in rows for c in r["per_tensor"].values()]
-    return {"datasets": list(data), "pattern": pattern, "parameters": sum(p.numel() for p in params.values()),
+    return {"datasets": list(data), "pattern": pattern, "parameters": count_parameters(params.values()),
             "tensors": len(names), "batches": rows, "mean_overall": float(np.mean(overall)),
             "negative_share": float(np.mean([c < 0 for c in tensors])) if tensors else None}
 
@@ -325,7 +328,8 @@ def token_grid(tokens: int, size: tuple[int, int], prefix: int = 0) -> tuple[int
         rows, cols = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
         if rows * cols == tokens - prefix:
             return rows, cols
-    raise ValueError(f"{tokens} tokens per image ({prefix} prefix) match no feature grid of a {size[0]}x{size[1]} input")
+    raise ValueError(
+        f"{tokens} tokens per image ({prefix} prefix) match no feature grid of a {size[0]}x{size[1]} input")
 
 
 @torch.no_grad()
@@ -396,7 +400,8 @@ def usage_of(stats: dict, name: str) -> list[list[int]]:
 def plot_similarity(stats: dict, path: Path) -> None:
     heatmap_panels([np.asarray(layer["similarity"]) for layer in stats["layers"]],
                    [layer.get("name", f"MoE layer {i}") for i, layer in enumerate(stats["layers"])], stats["routers"],
-                   path, vmax=1, cmap="magma", title="share of chosen experts two routers have in common on the same tokens")
+                   path, vmax=1, cmap="magma",
+                   title="share of chosen experts two routers have in common on the same tokens")
 
 
 def write_result(result: dict, out: Path, name: str, plot) -> list[Path]:

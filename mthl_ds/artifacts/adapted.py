@@ -93,7 +93,8 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
             rules.append({"op": "add_dataset", "name": name, "task": d.task, "num_classes": d.num_classes,
                           "top_k": d.top_k or default_k, "aux_weight": d.aux_weight, "head_channels": d.head_channels})
         elif model.tasks[name] != d.task:
-            raise ConfigError(f"datasets.{name}: task {d.task!r}, but the exported model's {name!r} is {model.tasks[name]!r}")
+            raise ConfigError(
+                f"datasets.{name}: task {d.task!r}, but the exported model's {name!r} is {model.tasks[name]!r}")
     if not a.keep_datasets:
         rules += [{"op": "drop_dataset", "name": n} for n in model.heads if n not in recipe.datasets]
     apply(model, rules)
@@ -117,7 +118,8 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
             if a.tune_experts:
                 layer_usage = usage[index] if usage else torch.zeros(layer.num_experts)
                 if a.tune_experts > layer.num_experts:
-                    raise ConfigError(f"adapt.tune_experts={a.tune_experts} but MoE layer {index} has {layer.num_experts} experts")
+                    raise ConfigError(
+                        f"adapt.tune_experts={a.tune_experts} but MoE layer {index} has {layer.num_experts} experts")
                 tuned.append(chosen_experts(layer_usage, a.tune_experts, a.selection, recipe.train.seed * 1009 + index))
             else:
                 tuned.append([])
@@ -136,14 +138,13 @@ def apply(model: MTHLModel, rules: list[dict]) -> None:
 
 def trainable_names(model: MTHLModel, datasets: list[str], experts: list[list[int]]) -> list[str]:
     """The routers (MoE MLP and MoE attention) and heads of ``datasets``, the listed experts of each MoE layer,
-    and every adapter."""
-    layer_names = {id(m): n for n, m in model.named_modules()}
-    prefixes = [f"heads.{n}." for n in datasets]
-    for layer, chosen in zip(model.backbone.moe_layers, experts):
-        base = layer_names[id(layer)]
-        prefixes += [f"{base}.deepspeed_moe.gate.routers.{n}." for n in datasets]
-        prefixes += [f"{base}.deepspeed_moe.experts.deepspeed_experts.{e}." for e in chosen]
-        prefixes.append(f"{base}.adapter.")
+    and every adapter; in the model's ``named_parameters()`` order."""
+    chosen = [p for n in datasets if n in model.heads for p in model.heads[n].parameters()]
+    for layer, ids in zip(model.backbone.moe_layers, experts):
+        chosen += [p for n in datasets for _, p in layer.router_parameters(n)]
+        chosen += [p for _, p in layer.expert_parameters(ids)]
+        chosen += list(layer.adapter.parameters()) if layer.adapter is not None else []
     for layer in model.backbone.attention_layers:
-        prefixes += [f"{layer_names[id(layer)]}.gate.routers.{n}." for n in datasets]
-    return [n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))]
+        chosen += [p for n in datasets for _, p in layer.router_parameters(n)]
+    wanted = {id(p) for p in chosen}
+    return [n for n, p in model.named_parameters() if id(p) in wanted]

@@ -10,7 +10,6 @@ a run killed while saving resumes from the previous complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -24,9 +23,9 @@ from mthl_ds.artifacts import surgery
 from mthl_ds.config import ConfigError, Recipe, recipe_to_dict
 from mthl_ds.errors import CheckpointError, ExportError
 from mthl_ds.models.mthl import MTHLModel
+from mthl_ds.runfiles import RUN_RECORD, read_run_record, write_run_record
 
 POINTER = "latest_complete"
-RUN_FILE = "run.json"
 
 
 def tag_of(step: int) -> str:
@@ -57,7 +56,7 @@ def latest_complete(ckpt_dir: Path) -> Optional[str]:
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    if not (ckpt_dir / tag / RUN_FILE).is_file():
+    if not (ckpt_dir / tag / RUN_RECORD).is_file():
         raise CheckpointError(f"{pointer} names {tag!r} but {ckpt_dir / tag} is not a complete checkpoint")
     return tag
 
@@ -67,7 +66,7 @@ def check_resume(ckpt_dir: Path, recipe: Recipe) -> Optional[str]:
     tag = latest_complete(ckpt_dir)
     if tag is None:
         return None
-    saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
+    saved = read_run_record(ckpt_dir / tag)
     problems = diff(saved["signature"], model_signature(recipe))
     if problems:
         raise ConfigError(f"{ckpt_dir / tag} was written by a different model; refusing to resume:\n  "
@@ -106,10 +105,9 @@ def save(engine, ckpt_dir: Path, step: int, recipe: Recipe, model: MTHLModel, ra
     torch.save({**rank_state, "rng": rng_state()}, ckpt_dir / tag / f"rank{rank}_state.pt")
     barrier()
     if rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
-        (ckpt_dir / tag / RUN_FILE).write_text(json.dumps(
-            {"step": step, "world_size": world_size, "signature": model_signature(recipe),
-             "recipe": recipe_to_dict(recipe), "model": {"built_from": model.built_from, "surgery": model.surgery}},
-            indent=1, default=list))
+        write_run_record(ckpt_dir / tag, {
+            "step": step, "world_size": world_size, "signature": model_signature(recipe),
+            "recipe": recipe_to_dict(recipe), "model": {"built_from": model.built_from, "surgery": model.surgery}})
         tmp = ckpt_dir / f".{POINTER}.tmp"
         tmp.write_text(tag + "\n")
         os.replace(tmp, ckpt_dir / POINTER)
@@ -123,7 +121,7 @@ def save(engine, ckpt_dir: Path, step: int, recipe: Recipe, model: MTHLModel, ra
 def rank_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
     """This rank's saved state (loader positions, RNG states, routing usage), which needs no engine to read;
     the world size is checked first, as exact resume needs the same one."""
-    saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
+    saved = read_run_record(ckpt_dir / tag)
     if saved["world_size"] != world_size:
         raise ConfigError(f"{ckpt_dir / tag} was written by {saved['world_size']} ranks; this run has "
                           f"{world_size}: exact resume needs the same world size")
@@ -133,7 +131,7 @@ def rank_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
 def load(engine, ckpt_dir: Path, tag: str, model: MTHLModel, state: dict) -> int:
     """Restore the engine, this rank's RNG states (``state``: its :func:`rank_state`) and the surgery done during
     training (AES's ``set_top_k``); returns the step."""
-    saved = json.loads((ckpt_dir / tag / RUN_FILE).read_text())
+    saved = read_run_record(ckpt_dir / tag)
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag!r} in {ckpt_dir}")
@@ -177,10 +175,10 @@ def consolidate(run_dir: Path, tag: Optional[str] = None) -> tuple[MTHLModel, di
     tag = tag or latest_complete(ckpt_dir)
     if tag is None:
         raise ExportError(f"{run_dir} has no complete checkpoint ({ckpt_dir / POINTER} is missing)")
-    run_file = ckpt_dir / tag / RUN_FILE
+    run_file = ckpt_dir / tag / RUN_RECORD
     if not run_file.is_file():
         raise ExportError(f"{ckpt_dir / tag} is not a complete checkpoint ({run_file.name} is missing)")
-    run = json.loads(run_file.read_text())
+    run = read_run_record(ckpt_dir / tag)
     recipe = run["recipe"]
     source = {"run": str(Path(run_dir).resolve()), "tag": tag, "step": run["step"], "world_size": run["world_size"],
               "ep_size": recipe["train"]["ep_size"], "ds_config": recipe["train"]["ds_config"]}
@@ -195,4 +193,4 @@ def run_recipe(run_dir: Path, tag: Optional[str] = None) -> dict:
     """The recipe (as a dict) a run's checkpoint was trained with."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     tag = tag or latest_complete(ckpt_dir)
-    return json.loads((ckpt_dir / tag / RUN_FILE).read_text())["recipe"]
+    return read_run_record(ckpt_dir / tag)["recipe"]

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from mthl_ds.artifacts import surgery
 from mthl_ds.artifacts.checkpoint import check_state, consolidate, run_recipe
 from mthl_ds.errors import ExportError
+from mthl_ds.models.counting import count_parameters
 from mthl_ds.models.mthl import MTHLModel
 
 FORMAT = "mthl-ds-export/1"
@@ -42,7 +43,7 @@ def describe(model: MTHLModel) -> dict:
             "routing_rows": list(layers[0].gate.datasets) if layers else [],
             "heads": sorted(model.heads),
             "adapters": any(layer.adapter is not None for layer in layers),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": count_parameters(model)}
 
 
 def dataset_inputs(recipe: dict) -> dict[str, dict]:
@@ -71,8 +72,8 @@ def save_export(path: Path, model: MTHLModel, source: dict, recipe: Optional[dic
     meta = {"format": FORMAT, "built_from": model.built_from, "surgery": model.surgery, "source": source,
             "model": describe(model), "datasets": dataset_inputs(recipe) if recipe else {}}
     # one fresh, contiguous float32 copy per tensor (safetensors refuses tensors that share storage)
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone(memory_format=torch.contiguous_format)
-             for k, v in model.state_dict().items()}
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach())
+             .clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})

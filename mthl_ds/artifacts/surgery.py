@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
 
 from mthl_ds.config import ConfigError, DatasetConfig, recipe_from_dict
 from mthl_ds.errors import ExportError
@@ -155,6 +154,3 @@ def freeze(model: MTHLModel, trainable: Iterable[str]) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
 
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

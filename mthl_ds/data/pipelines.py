@@ -120,10 +120,10 @@ def fit_and_pad(img: Image.Image, size: tuple[int, int], resample,
 
 def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     """Training skips images without annotations (mmdet's ``filter_empty_gt``; crowd-only images stay, with no
-    box to learn). Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's ``Resize(keep_ratio=True)``), pad
-    to the canvas, ``size`` padded up to a multiple of 32 (mmdet's ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x
-    1344). Boxes become xyxy in canvas pixels; crowd boxes are dropped for training and kept (flagged) for
-    evaluation.
+    box to learn). Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's
+    ``Resize(keep_ratio=True)``), pad to the canvas, ``size`` padded up to a multiple of 32 (mmdet's
+    ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x 1344). Boxes become xyxy in canvas pixels; crowd boxes are
+    dropped for training and kept (flagged) for evaluation.
 
     Portrait images: mmdet fits the long side to 1333 and the short side to 800 whatever the orientation, and
     groups each batch by orientation, so a 480 x 640 (w x h) image becomes 800 x 1067. Here every image of a

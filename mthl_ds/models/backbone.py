@@ -245,8 +245,8 @@ def shift_windows_per_input(net: nn.Module) -> None:
 
     def choose_shift(block: SwinTransformerBlock, args) -> None:
         height, width = args[0].shape[1:3]
-        block.shift_size = tuple(0 if side <= w or not shifts else w // 2
-                                 for side, w, shifts in zip((height, width), block.window_size, block.target_shift_size))
+        block.shift_size = tuple(0 if side <= w or not shifts else w // 2 for side, w, shifts
+                                 in zip((height, width), block.window_size, block.target_shift_size))
 
     for block in net.modules():
         if isinstance(block, SwinTransformerBlock):

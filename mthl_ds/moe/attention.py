@@ -48,18 +48,22 @@ class MoEAttention(nn.Module):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
 
+    def router_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of dataset ``name``'s router, named as in this layer's ``named_parameters()``."""
+        return [(f"gate.{n}", p) for n, p in self.gate.router_parameters(name)]
+
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("MoE attention takes no attention mask")
         b, n, c = x.shape
         e, h = self.num_experts, self.head_dim
-        _, _, _, indices, _, gates, _ = self.gate(x.reshape(b * n, c))  # (K, tokens) each
-        k = indices.shape[0]
-        chosen = indices.long().t()  # (tokens, K) expert of each route; the gate drops none
+        routes = self.gate(x.reshape(b * n, c))  # indices and gates: (K, tokens) each
+        k = routes.indices.shape[0]
+        chosen = routes.indices.long().t()  # (tokens, K) expert of each route; the gate drops none
         slot = chosen[..., None].expand(-1, -1, h)
         queries = self.query(x).view(b * n, e, h).gather(1, slot)  # (tokens, K, h)
         key, value = self.key_value(x).chunk(2, dim=-1)  # (b, n, h) each
         attended = F.scaled_dot_product_attention(queries.view(b, 1, n * k, h), key[:, None], value[:, None])
-        weighted = attended.view(b * n, k, h) * gates.t().to(x.dtype)[..., None]
+        weighted = attended.view(b * n, k, h) * routes.gates.t().to(x.dtype)[..., None]
         mixed = torch.zeros(b * n, e, h, dtype=x.dtype, device=x.device).scatter_add(1, slot, weighted)
         return self.out(mixed.view(b, n, e * h))

@@ -2,7 +2,8 @@
 
 The gate plugs into DeepSpeed's ``MOELayer`` in place of its ``TopKGate``: it is called as
 ``gate(x, used_token, sparse_routes, use_tutel)`` and returns DeepSpeed's sparse-route tuple
-``(l_aux, capacity, num_experts, indices, locations, gates, counts)``, so DeepSpeed does the dispatch,
+``(l_aux, capacity, num_experts, indices, locations, gates, counts)`` (a :class:`Routes`, read by field name
+here and unpacked by position in DeepSpeed's ``MOELayer``), so DeepSpeed does the dispatch,
 the all-to-all and expert parallelism. Routes and capacity follow DeepSpeed's ``topkgating`` (its "probs" drop
 policy) in :func:`top_k_routes`, with ties broken by index; the gate values are Eq. 2's, not renormalised.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,18 @@ def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: i
     indices = torch.where(route_kept, top_idx, torch.full_like(top_idx, -1))
     route_locations = locations.gather(1, top_idx) * route_kept
     return (l_aux, capacity, indices.t().contiguous().int(), route_locations.t().contiguous().int(), counts)
+
+
+class Routes(NamedTuple):
+    """A gate's routes of S tokens to E experts: DeepSpeed's sparse-route tuple, in its order (a tuple, so DeepSpeed
+    unpacks it by position)."""
+    l_aux: Tensor  # GShard's balance loss of this call
+    capacity: int | Tensor  # slots per expert: a Python int with dropped routes, else a 0-dim tensor
+    num_experts: int  # E
+    indices: Tensor  # (K, S) int: each route's expert, highest gate first; -1 for a dropped route
+    locations: Tensor  # (K, S) int: each route's slot in its expert (0 for a dropped route)
+    gates: Tensor  # (K, S): each route's gate value (0 for a dropped route)
+    counts: Tensor  # (E,): routes per expert, before capacity drops
 
 
 @dataclass
@@ -137,7 +150,8 @@ class PerDatasetGate(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, datasets: Sequence[str], top_k: Mapping[str, int],
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 drop_tokens: bool = True, eval_drop_tokens: bool = False, renormalize: bool = False, noise_std: float = 0.0,
+                 drop_tokens: bool = True, eval_drop_tokens: bool = False, renormalize: bool = False,
+                 noise_std: float = 0.0,
                  router_hidden: int = 0, loss_coefs: Optional[Mapping[str, float]] = None,
                  mi_momentum: float = 0.98, context: Optional[RoutingContext] = None):
         super().__init__()
@@ -187,8 +201,14 @@ class PerDatasetGate(nn.Module):
     def dataset_index(self, name: str) -> int:
         return self.datasets.index(name)
 
+    def router_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of dataset ``name``'s router, named as in this gate's ``named_parameters()``."""
+        if name not in self.routers:
+            raise KeyError(f"this gate has no router for dataset {name!r}; it routes {sorted(self.routers)}")
+        return [(f"routers.{name}.{n}", p) for n, p in self.routers[name].named_parameters()]
+
     def forward(self, x: Tensor, used_token: Optional[Tensor] = None, sparse_routes: bool = True,
-                use_tutel: bool = False):
+                use_tutel: bool = False) -> Routes:
         if used_token is not None or not sparse_routes or use_tutel:
             raise NotImplementedError("PerDatasetGate supports DeepSpeed's sparse routes only")
         name = self.context.dataset
@@ -221,7 +241,7 @@ class PerDatasetGate(nn.Module):
         if self.training:
             self._router_losses(name, k, probs[:, selectable], targets, clean[:, selectable],
                                 logits[:, selectable], clean, l_aux)
-        return l_aux, capacity, self.num_experts, indices, locations, gates, self.counts
+        return Routes(l_aux, capacity, self.num_experts, indices, locations, gates, self.counts)
 
     def _router_losses(self, name: str, k: int, probs: Tensor, targets: Tensor, clean: Tensor, logits: Tensor,
                        all_clean: Tensor, l_aux: Tensor) -> None:
@@ -294,7 +314,8 @@ class PerDatasetGate(nn.Module):
     def set_top_k(self, name: str, k: int) -> None:
         selectable = len(self.routers[name].selectable())
         if not 1 <= k <= selectable:
-            raise ValueError(f"top_k={k} for dataset {name!r} must be between 1 and its {selectable} selectable experts")
+            raise ValueError(
+                f"top_k={k} for dataset {name!r} must be between 1 and its {selectable} selectable experts")
         self.top_k[name] = k
 
     def pruned_choices(self, kept: Sequence[int]) -> dict[str, Tensor]:

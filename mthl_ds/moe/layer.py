@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mthl_ds.runtime import accelerator  # noqa: F401  (before DeepSpeed: names its accelerator)
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,23 @@ class MoEMlp(MoE):
         """The experts held by this rank, local index order."""
         return self.deepspeed_moe.experts.deepspeed_experts
 
+    def router_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of dataset ``name``'s router, named as in this layer's ``named_parameters()``."""
+        return self.named_among(p for _, p in self.gate.router_parameters(name))
+
+    def expert_parameters(self, ids: Optional[Iterable[int]] = None) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the experts ``ids`` (local indices; None: every expert this rank holds), named as
+        in this layer's ``named_parameters()``: what DeepSpeed treats as expert parameters (expert-parallel, one
+        checkpoint file per expert)."""
+        mlps = self.local_mlps
+        ids = range(len(mlps)) if ids is None else ids
+        return self.named_among(p for e in ids for p in mlps[e].parameters())
+
+    def named_among(self, params: Iterable[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+        """``params`` with their names in this layer's ``named_parameters()``, in the order given."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [(names[id(p)], p) for p in params]
+
     def forward(self, x: Tensor) -> Tensor:
         """DeepSpeed's ``MOELayer`` forward (gate, dispatch, all-to-all, experts, all-to-all, combine) on its
         groups and expert modules, with fewer ops: a rank's experts run as two batched matmuls
@@ -70,8 +87,9 @@ class MoEMlp(MoE):
         """
         moe = self.deepspeed_moe
         tokens = x.reshape(-1, x.shape[-1])
-        _, capacity, num_experts, indices, locations, gates, counts = self.gate(tokens, None, True, False)
-        capacity = int(capacity)  # a Python int with dropped routes; else the one host sync of this layer
+        routes = self.gate(tokens, None, True, False)
+        indices, locations, gates, num_experts = routes.indices, routes.locations, routes.gates, routes.num_experts
+        capacity = int(routes.capacity)  # a Python int with dropped routes; else the one host sync of this layer
         slots = num_experts * capacity
         slot = torch.where(indices >= 0, indices.long() * capacity + locations.long(), slots).flatten()
         token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices).flatten()
@@ -82,7 +100,7 @@ class MoEMlp(MoE):
         if self.training or moe.ep_size > 1:
             outputs = self.run_experts(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
         else:  # eval keeps every route: capacity is the busiest expert's count, so compute the filled slots only
-            outputs = self.run_filled_slots(dispatched, counts.clamp(max=capacity))
+            outputs = self.run_filled_slots(dispatched, routes.counts.clamp(max=capacity))
         outputs = outputs.view(slots, -1)
         if moe.ep_size > 1:
             outputs = _AllToAll.apply(moe.ep_group, outputs)
@@ -120,7 +138,8 @@ class MoEMlp(MoE):
     def set_mlps(self, mlps: list[nn.Module]) -> None:
         """Hold exactly ``mlps`` as this layer's experts (all of them: ep_size must be 1)."""
         if self.ep_size != 1:
-            raise ValueError(f"expert surgery needs the single-device model (ep_size 1), this layer has ep_size {self.ep_size}")
+            raise ValueError(
+                f"expert surgery needs the single-device model (ep_size 1), this layer has ep_size {self.ep_size}")
         for mlp in mlps:
             for param in mlp.parameters():  # what DeepSpeed's Experts marks on its parameters
                 param.allreduce, param.group_name = False, self.expert_group_name
@@ -178,7 +197,8 @@ class MoEMlp(MoE):
         if mode == "copy" and dense_hidden != self.hidden:
             raise ValueError(f"upcycle 'copy' needs expert hidden {self.hidden} == dense hidden {dense_hidden}")
         if mode == "split" and dense_hidden != self.hidden * top_k:
-            raise ValueError(f"upcycle 'split' needs dense hidden {dense_hidden} == expert hidden {self.hidden} x K={top_k}")
+            raise ValueError(
+                f"upcycle 'split' needs dense hidden {dense_hidden} == expert hidden {self.hidden} x K={top_k}")
         for local, mlp in enumerate(self.local_mlps):
             if mode == "copy":
                 rows, scale = slice(None), 1.0

@@ -8,7 +8,7 @@ fp16: what a V100's tensor cores and cuDNN do (fp16 inputs, fp32 accumulation, f
 (weights, activations, gradients, DeepSpeed's fp16 optimizer, loss scaling, overflow checks, communication) stays
 in fp16 as on the GPU. The product on a GPU needs nothing of this; it is enabled only by the processes that ask:
 
-    python -m mthl_ds.train --cpu-fp16 --recipe NAME --out RUN_DIR ...     # each rank calls enable()
+    mthl-ds train --cpu-fp16 --recipe NAME --out RUN_DIR ...     # each rank calls enable()
 """
 from __future__ import annotations
 

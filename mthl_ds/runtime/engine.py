@@ -55,9 +55,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 
 def leave_process_group() -> None:
     """Destroy the process group before the interpreter shuts down. Left to interpreter finalization, gloo's
-    worker threads could still hold work objects whose teardown needs the GIL, and a rank aborted after its
-    work was done ("terminate called without an active exception", SIGABRT; ~1 in 12 runs of a 2-rank job here,
-    which failed CI)."""
+    worker threads can still hold work objects whose teardown needs the GIL, and a rank then aborts after its
+    work is done ("terminate called without an active exception", SIGABRT)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -66,10 +65,10 @@ def release_shm_buffer() -> None:
     """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer.
 
     On the CPU accelerator, DeepSpeed maps a ~70 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file per rank
-    (named after MASTER_ADDR / MASTER_PORT) when all ranks are on one node, and never removes it: every run
-    left ~70 MB per rank in /dev/shm, which is RAM, until a later run's ranks were killed (seen in CI). Once
-    every rank has mapped its peers' buffers (they do so inside ``init_distributed``; the barrier waits for
-    all), the names can go: the mappings stay valid and the memory is freed when the ranks exit.
+    (named after MASTER_ADDR / MASTER_PORT) when all ranks are on one node, and never removes it: /dev/shm is
+    RAM, so finished runs would fill it until later runs' ranks are killed for memory. Once every rank has
+    mapped its peers' buffers (they do so inside ``init_distributed``; the barrier waits for all), the names
+    can go: the mappings stay valid and the memory is freed when the ranks exit.
     """
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")

@@ -2,7 +2,7 @@
 
 LAMB scales each tensor's Adam update by ``||w|| / ||update||``. Under ZeRO stages 1 and 2 DeepSpeed hands
 the optimizer one flat fp32 partition per parameter group, so an ordinary LAMB (fused or not) computes one
-trust ratio per partition (DeepSpeed issues #88, #490): another optimizer, which changes with the number
+trust ratio per partition (deepspeedai/DeepSpeed#88, #490): another optimizer, which changes with the number
 of ranks. Here, after ``deepspeed.initialize``, :func:`attach_zero_layout` tells the optimizer where each
 original tensor's fragment lies in its partition; a step then sums squares per tensor over the fragments
 (one multi-tensor norm over the fragments), completes the norms with one all-reduce over the group's
@@ -16,10 +16,9 @@ expert no token reached) has no gradient there and is skipped, moments and weigh
 step count advances (unless the whole step is masked). DeepSpeed
 instead materialises zero gradients for such tensors, and an optimizer that moves them extrapolates their stale
 momentum; LAMB's trust ratio then turns that small update into a full step of ``lr * ||w||``, every step the
-tensor is idle. In the demo the RetinaNet head thus drifted over the 8-odd steps between two COCO steps until its
-logits on background anchors jumped from about -2.4 to +4 and the focal loss from 0.8 to 20-80 (issue 18's
-spikes); skipping idle tensors removed them. A tensor counts as idle when its whole gradient (summed over the
-partitions that hold its fragments) is exactly zero.
+tensor is idle: a head whose dataset is sampled one step in several drifts between its steps, and its loss
+spikes when its dataset comes back. Skipping idle tensors keeps DDP's behaviour. A tensor counts as idle when its
+whole gradient (summed over the partitions that hold its fragments) is exactly zero.
 """
 from __future__ import annotations
 

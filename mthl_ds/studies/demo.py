@@ -12,12 +12,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from mthl_ds.config import load_recipe
-from mthl_ds.runtime.engine import free_port
+from mthl_ds.studies.launch import train_command
 
 
 def prepare_data(out: Path, seed: int = 0) -> Path:
@@ -43,11 +42,7 @@ def run_demo(out: Path, overrides: tuple[str, ...] = (), ranks: int = 2, recipe:
     shards = prepare_data(out)
     print(f"demo: data ready in {time.time() - start:.0f} s ({shards})", flush=True)
     shutil.rmtree(out / "run", ignore_errors=True)  # each demo trains from scratch; the data is reused
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "mthl_ds.train", "--recipe", recipe, "--out", str(out / "run"),
-           "--set", f"train.data_root={shards}"]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = train_command(ranks, recipe, out / "run", [f"train.data_root={shards}", *overrides])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

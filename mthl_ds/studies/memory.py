@@ -19,9 +19,9 @@ batch 1 and 2 and extrapolated linearly, A(B) = A(1) + (B - 1) (A(2) - A(1)): sa
 batch, and the intercept keeps what does not (e.g. tables built per input size). Measured on a CUDA device, the
 plan takes instead the allocator's peak over forward and backward (less the parameter gradients), extrapolated the
 same way: it also holds the transient tensors (a loss's full-resolution logits and their gradient, workspaces),
-which the saved tensors miss (ADE20K at 512, batch 2: 2.40 GiB saved, 3.00 GiB at the peak of a real step on an
-H200). Not counted: the allocator's fragmentation, nor the CUDA context; a recipe "fits" a card when its largest
-dataset's total stays under ``FIT_SHARE`` of the card's memory, a margin for those.
+which the saved tensors miss (for UperNet at 512 x 512 the peak is well above the saved tensors). Not counted:
+the allocator's fragmentation, nor the CUDA context; a recipe "fits" a card when its largest dataset's total
+stays under ``FIT_SHARE`` of the card's memory, a margin for those.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from mthl_ds.config import Recipe, read_ds_config
+from mthl_ds.models.counting import count_parameters
 
 GIB = 2 ** 30
 FIT_SHARE = 0.9  # of a card's memory, the rest kept for the CUDA context, workspaces and fragmentation
@@ -56,8 +57,8 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(shared, experts) parameter counts of the single-device model: experts are DeepSpeed's expert parameters."""
-    shared = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
-    return shared, sum(p.numel() for p in model.parameters()) - shared
+    experts = count_parameters(p for layer in model.backbone.moe_layers for _, p in layer.expert_parameters())
+    return count_parameters(model) - experts, experts
 
 
 def saved_activation_bytes(model, step) -> dict[str, int]:
@@ -131,7 +132,7 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
     uses (without checkpointing)."""
     from mthl_ds.tasks import fake_batch
     from mthl_ds.runtime.device import local_device, to_device
-    from mthl_ds.build import build_model
+    from mthl_ds.build import build_model, training_loss
     dtype = DTYPES[precision(recipe)]
     device = device or local_device()
     model = cast_parameters(build_model(recipe), dtype).to(device)
@@ -141,7 +142,8 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # tensors are the same in eval mode
             m.eval()
     routes: list[tuple[int, int]] = []
-    hooks = [layer.gate.register_forward_hook(lambda gate, args, out: routes.append((args[0].shape[0], int(out[1]))))
+    hooks = [layer.gate.register_forward_hook(
+                 lambda gate, args, out: routes.append((args[0].shape[0], int(out.capacity))))
              for layer in model.backbone.moe_layers[:1]]
     kinds = ("plain", "checkpointed") + (("peak",) if device.type == "cuda" else ())
     key = "checkpointed" if recipe.model.grad_checkpointing else "peak" if device.type == "cuda" else "plain"
@@ -154,8 +156,7 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
 
             def step():
                 model.set_dataset(name)
-                loss, _ = model.heads[name].loss(model(batch["image"]), batch)
-                return loss + model.backbone.router_loss()
+                return training_loss(model, recipe, name, batch).loss
 
             row["bytes"][size] = saved_activation_bytes(model, step)
             if routes and size == batch_sizes[0]:
@@ -246,5 +247,6 @@ def format_plan(plan: dict) -> str:
         s = p["states"]
         acts = " | ".join(f"{g(plan['activations'][n]['at_recipe_batch'])} | {g(p['totals'][n])}" for n in names)
         fits = " | ".join("yes" if p["fits"][c] else "no" for c in cards)
-        lines.append(f"| {p['ep_size']} | {g(s['weights'])} | {g(s['gradients'])} | {g(s['optimizer'])} | {acts} | {fits} |")
+        lines.append(
+            f"| {p['ep_size']} | {g(s['weights'])} | {g(s['gradients'])} | {g(s['optimizer'])} | {acts} | {fits} |")
     return "\n".join(lines)

@@ -3,51 +3,42 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from mthl_ds.config import Recipe
 from mthl_ds.build import build_model
+from mthl_ds.models.counting import count_parameters, image_flops
 from mthl_ds.models.mthl import MTHLModel
 
 
-def count(params) -> int:
-    return sum(p.numel() for p in params)
+def other_routers(layer, dataset: str) -> int:
+    """Parameters of the routers of ``layer`` (an MoE MLP or MoE attention) that are not ``dataset``'s."""
+    return sum(count_parameters(p for _, p in layer.router_parameters(name))
+               for name in layer.gate.routers if name != dataset)
 
 
 def active_params(model: MTHLModel, dataset: str) -> int:
     """Parameters one image of ``dataset`` can touch: all but other heads, other routers and unchosen experts."""
-    total = count(model.parameters())
-    unused = sum(count(h.parameters()) for name, h in model.heads.items() if name != dataset)
+    total = count_parameters(model)
+    unused = sum(count_parameters(h) for name, h in model.heads.items() if name != dataset)
     for layer in model.backbone.moe_layers:
-        gate = layer.gate
-        unused += sum(count(r.parameters()) for name, r in gate.routers.items() if name != dataset)
-        per_mlp = count(layer.local_mlps[0].parameters())
-        unused += (layer.num_experts - gate.top_k[dataset]) * per_mlp
+        unused += other_routers(layer, dataset)
+        per_mlp = count_parameters(p for _, p in layer.expert_parameters([0]))
+        unused += (layer.num_experts - layer.gate.top_k[dataset]) * per_mlp
     for layer in model.backbone.attention_layers:  # an attention expert: its query and output projection slices
-        unused += sum(count(r.parameters()) for name, r in layer.gate.routers.items() if name != dataset)
+        unused += other_routers(layer, dataset)
         per_head = layer.head_dim * (2 * layer.dim + (layer.query.bias is not None))
         unused += (layer.num_experts - layer.gate.top_k[dataset]) * per_head
     return total - unused
 
 
-@torch.no_grad()
-def backbone_flops(model: MTHLModel, dataset: str, img_size: int) -> int:
-    """FLOPs (torch's counter: 2 per multiply-add) of one image through the backbone, eval mode."""
-    model.eval()
-    model.set_dataset(dataset)
-    with FlopCounterMode(display=False) as counter:
-        model.backbone(torch.zeros(1, 3, img_size, img_size))
-    return counter.get_total_flops()
-
-
 def figures(model: MTHLModel, recipe: Recipe) -> dict:
+    """Parameters (backbone, all, active per dataset) and backbone FLOPs of one image at ``model.img_size`` (torch's
+    counter: 2 per multiply-add, eval mode)."""
     size = recipe.model.img_size
     return {
-        "backbone_params": count(model.backbone.parameters()),
-        "total_params": count(model.parameters()),
+        "backbone_params": count_parameters(model.backbone),
+        "total_params": count_parameters(model),
         "active_params": {d: active_params(model, d) for d in recipe.datasets},
-        "flops_per_image": {d: backbone_flops(model, d, size) for d in recipe.datasets},
+        "flops_per_image": {d: image_flops(model, d, (size, size)) for d in recipe.datasets},
         "moe_layers": len(model.backbone.moe_layers),
     }
 

@@ -20,12 +20,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from mthl_ds.config import ConfigError, Recipe, load_recipe
 from mthl_ds.geometry import input_shape
+from mthl_ds.runfiles import read_metrics
 
 PRECISION_CONFIGS = {"fp16": "zero2_fp16.json", "bf16": "zero2_bf16.json", "fp32": "zero2_fp32.json"}
 
@@ -35,16 +35,13 @@ class RehearsalError(RuntimeError):
 
 
 def launch(recipe: str, run_dir: Path, overrides: list[str], ranks: int, precision: str, phase: str) -> None:
-    """``mthl_ds.train`` on ``ranks`` ranks under the deepspeed launcher: GPUs where CUDA is, else CPU ranks (fp16
+    """``mthl-ds train`` on ``ranks`` ranks under the deepspeed launcher: GPUs where CUDA is, else CPU ranks (fp16
     there through ``--cpu-fp16``)."""
     import torch
-    from mthl_ds.runtime.engine import free_port, launcher_free_env
+    from mthl_ds.runtime.engine import launcher_free_env
+    from mthl_ds.studies.launch import train_command
     cpu_fp16 = precision == "fp16" and not torch.cuda.is_available()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "mthl_ds.train", *(["--cpu-fp16"] if cpu_fp16 else []),
-           "--recipe", recipe, "--out", str(run_dir)]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = train_command(ranks, recipe, run_dir, overrides, cpu_fp16=cpu_fp16)
     env = dict(launcher_free_env(), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
@@ -52,8 +49,7 @@ def launch(recipe: str, run_dir: Path, overrides: list[str], ranks: int, precisi
 
 
 def step_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return read_metrics(run_dir, "train")
 
 
 def rank_records(run_dir: Path, ranks: int) -> list[dict]:
@@ -62,17 +58,11 @@ def rank_records(run_dir: Path, ranks: int) -> list[dict]:
 
 def forward_flops(recipe: Recipe) -> dict[str, int]:
     """FLOPs of one image's forward (backbone and head, torch's counter) at each dataset's input shape."""
-    import torch
-    from mthl_ds.studies.bench.suite import counted_flops
     from mthl_ds.build import build_model
-    model = build_model(recipe).eval()
-    flops = {}
-    for name in recipe.datasets:
-        model.set_dataset(name)
-        x = torch.zeros(1, 3, *input_shape(recipe.datasets[name].task, recipe.datasets[name].size))
-        with torch.no_grad():
-            flops[name] = counted_flops(lambda: model(x))
-    return flops
+    from mthl_ds.models.counting import image_flops
+    model = build_model(recipe)
+    return {name: image_flops(model, name, input_shape(d.task, d.size), backbone_only=False)
+            for name, d in recipe.datasets.items()}
 
 
 def rank_batch(recipe: Recipe, name: str, batch_size: int, ranks: int) -> int:
@@ -107,7 +97,8 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
     shards = write_real_size_shards(out, ranks)
     settings = [*overrides, f"train.ds_config={PRECISION_CONFIGS[precision]}", f"train.ep_size={ep}",
                 f"train.data_root={shards}", "train.workers=1", f"train.dataset_cycle=[{','.join(names)}]",
-                "train.log_every=1", "train.eval_every=0", "train.keep_checkpoints=1"]  # disk: a real-size checkpoint is GBs
+                "train.log_every=1", "train.eval_every=0",
+                "train.keep_checkpoints=1"]  # disk: a real-size checkpoint is GBs
     for n in names:
         settings += [f"datasets.{n}.batch_size={rank_batch(paper, n, batch_size, ranks)}",
                      f"datasets.{n}.eval_batch_size={batch_size}"]
@@ -146,7 +137,8 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
                                 per_image * paper.datasets[name].batch_size) if per_image \
             else (None, None)
         datasets[name] = {
-            "task": recipe.datasets[name].task, "input": list(input_shape(recipe.datasets[name].task, recipe.datasets[name].size)), "step_s": seconds,
+            "task": recipe.datasets[name].task,
+            "input": list(input_shape(recipe.datasets[name].task, recipe.datasets[name].size)), "step_s": seconds,
             "dense_step_s": dense_s, "step_ratio": seconds / dense_s if dense_s else None,
             "flops_ratio": flops[name] / dense_flops[name] if dense_rows else None, "tokens_per_moe_call": tokens,
             "capacity": capacity_at(recipe, name, tokens) if tokens else None, "tokens_at_recipe_batch": tokens_paper,
@@ -182,9 +174,11 @@ def format_report(result: dict) -> str:
              "| dataset | input | step s | MTHL.D step s | ratio | FLOPs ratio | tokens / MoE call, rank batch (recipe "
              "batch) | expert capacity (recipe batch) |", "|---|---|---|---|---|---|---|---|"]
     for name, d in result["datasets"].items():
-        lines.append(f"| {name} | {d['input'][0]} x {d['input'][1]} | {d['step_s']:.2f} | {f(d['dense_step_s'], '.2f')} "
-                     f"| {f(d['step_ratio'], '.2f')} | {f(d['flops_ratio'], '.3f')} | {f(d['tokens_per_moe_call'], 'd')} "
-                     f"({f(d['tokens_at_recipe_batch'], 'd')}) | {f(d['capacity'], 'd')} ({f(d['capacity_at_recipe_batch'], 'd')}) |")
+        lines.append(f"| {name} | {d['input'][0]} x {d['input'][1]} | {d['step_s']:.2f} "
+                     f"| {f(d['dense_step_s'], '.2f')} | {f(d['step_ratio'], '.2f')} | {f(d['flops_ratio'], '.3f')} "
+                     f"| {f(d['tokens_per_moe_call'], 'd')} "
+                     f"({f(d['tokens_at_recipe_batch'], 'd')}) | {f(d['capacity'], 'd')} "
+                     f"({f(d['capacity_at_recipe_batch'], 'd')}) |")
     states = result["engine_states"]
     lines += ["", "Engine states per rank, measured / planned (MiB): " + "; ".join(
         f"rank {i}: weights {m['weights'] / 2 ** 20:.1f} / {states['planned']['weights'] / 2 ** 20:.1f}, "

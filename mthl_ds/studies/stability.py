@@ -3,7 +3,7 @@
 Per dataset: the final metric over the seeds (mean and sample standard deviation), and the worst loss excursion
 of every seed: the largest ratio of the task's 20-step moving-average loss (over that dataset's own steps) to its
 running minimum after warm-up. A run that blows up, even briefly, shows a large ratio; a steady one stays near 1.
-Targets (issue 18): no ratio above 3 for any dataset and seed, and a COCO mAP standard deviation of at most 3.
+Targets: no ratio above 3 for any dataset and seed, and a COCO mAP standard deviation of at most 3.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mthl_ds.runfiles import read_metrics, row_kind
+
 WINDOW = 20
 MAX_RATIO = 3.0
 MAX_MAP_STD = 3.0
@@ -21,7 +23,7 @@ MAX_MAP_STD = 3.0
 
 def loss_excursion(rows: list[dict], dataset: str, warmup_steps: int, window: int = WINDOW) -> float:
     """max over t of MA(t) / min_{t' <= t} MA(t'), over the moving averages that end after warm-up."""
-    steps = [r for r in rows if r.get("dataset") == dataset and "loss" in r and not r.get("skipped")]
+    steps = [r for r in rows if r.get("dataset") == dataset and row_kind(r) == "train" and not r.get("skipped")]
     losses = np.array([r["loss"] for r in steps], dtype=float)
     if len(losses) < window:
         return 1.0
@@ -36,7 +38,7 @@ def loss_excursion(rows: list[dict], dataset: str, warmup_steps: int, window: in
 def summarise(runs: dict[int, Path], warmup_steps: int) -> dict:
     per_seed = {}
     for seed, run_dir in runs.items():
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run_dir)
         final = json.loads((run_dir / "final_metrics.json").read_text())
         per_seed[seed] = {name: {"metric": m["metric"], "value": m["value"],
                                  "excursion": loss_excursion(rows, name, warmup_steps)} for name, m in final.items()}

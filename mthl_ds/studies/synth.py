@@ -33,8 +33,7 @@ class WorldSize:
     """Images per split. ``scale`` multiplies every count."""
     cls_train_per_class: int = 20
     cls_val_per_class: int = 10
-    # COCO val: 240 images, as one demo model scored 50.6, 46.8, 39.3 and 45.3 mAP on four disjoint sets of 60 (44.4
-    # on all 240): with 60, the seed-to-seed spread of issue 18 measured the draw of the val set as much as training
+    # COCO val: 240 images, so that the mAP measures training rather than which images the val set drew
     det_train: int = 240
     det_val: int = 240
     seg_train: int = 160
@@ -47,7 +46,6 @@ class WorldSize:
 
 
 # 40 classes, every shape in 5 colours: the colour alone narrows a class down to 8, so top-5 measures shape too
-# (with 5 shapes x 2 colours the demo reached top-5 100% and top-1 45%: no signal left in top-5)
 IMAGENET_CLASSES = [(s, c) for s in SHAPES for c in ("red", "blue", "green", "yellow", "white")]
 PETS_CLASSES = [("star", "orange"), ("diamond", "cyan"), ("bar", "magenta"), ("star", "cyan"), ("diamond", "orange")]
 COCO_CATEGORIES = [(1, "disc", "red"), (3, "square", "green"), (7, "triangle", "blue")]  # COCO ids are sparse
@@ -126,10 +124,9 @@ def write_classification(root: Path, classes, seed: int, name: str, train_per_cl
 
 
 def detection_image(rng: np.random.Generator, categories=COCO_CATEGORIES, tries: int = 20):
-    """1-3 shapes that do not overlap. When shapes could overlap, 30% of the objects were partly hidden by a later
-    one (7% more than half) while their boxes stayed whole: with 240 train images that label noise made the demo's
-    coco mAP a matter of the seed (49.6 +- 4.5 over 3 seeds; 66.6 +- 1.3 without overlaps, issue 18). A shape
-    that finds no free place in ``tries`` draws is left out."""
+    """1-3 shapes that do not overlap: a shape partly hidden by a later one would keep its whole box, label noise
+    that makes the demo's mAP depend on the seed. A shape that finds no free place in ``tries`` draws is left
+    out."""
     h, w = (int(v) for v in rng.choice([(96, 128), (128, 96), (112, 112)]))
     img = Image.fromarray(noisy_background(rng, h, w))
     draw = ImageDraw.Draw(img)
@@ -354,7 +351,8 @@ def real_detection(root: Path, seed: int, train: int, val: int) -> None:
                     (int(rng.integers(16, w // 2)), int(rng.integers(16, h // 2)))
                 x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
                 draw.rectangle((x0, y0, x0 + bw, y0 + bh), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-                annotations.append({"id": ann_id, "image_id": offset + i, "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                annotations.append({"id": ann_id, "image_id": offset + i,
+                                    "bbox": [float(x0), float(y0), float(bw), float(bh)],
                                     "category_id": COCO_IDS[int(rng.integers(len(COCO_IDS)))], "area": float(bw * bh),
                                     "iscrowd": int(b % 7 == 6)})
                 ann_id += 1
@@ -378,7 +376,8 @@ def real_segmentation(root: Path, seed: int, train: int, val: int) -> None:
             mask = np.zeros((h, w), dtype=np.uint8)
             for _ in range(int(rng.integers(5, 25))):
                 x0, y0 = int(rng.integers(0, w - 16)), int(rng.integers(0, h - 16))
-                mask[y0:y0 + int(rng.integers(16, h // 2)), x0:x0 + int(rng.integers(16, w // 2))] = rng.integers(1, 151)
+                mask[y0:y0 + int(rng.integers(16, h // 2)), x0:x0 + \
+                                 int(rng.integers(16, w // 2))] = rng.integers(1, 151)
             colors = rng_for(seed, "real-ade-colours").integers(0, 256, size=(151, 3)).astype(np.float64)
             img = np.clip(colors[mask] + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
             stem = f"ADE_{tag}_{i + 1:08d}"

@@ -69,7 +69,8 @@ def main(shards: Path, out: Path) -> None:
     val = {n: v for n, (_, v) in sets.items()}
     results = {"recipe_batch": evaluate(engine, engine.module, recipe.datasets, val, rank, size, workers=1,
                                         reduce_sum=all_reduce_sum, gather=all_gather_objects),
-               "batch_1": evaluate(engine, engine.module, load_recipe("demo", demo_overrides(shards) + BATCH_1).datasets,
+               "batch_1": evaluate(engine, engine.module,
+                                   load_recipe("demo", demo_overrides(shards) + BATCH_1).datasets,
                                    val, rank, size, reduce_sum=all_reduce_sum, gather=all_gather_objects)}
     torch.save(outputs_in_batches(engine, recipe, rank), out.parent / f"outputs_rank{rank}.pt")
     if rank == 0:

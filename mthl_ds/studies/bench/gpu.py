@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from mthl_ds.studies.bench.common import side_by_side
-from mthl_ds.studies.bench.suite import counted_flops, fwd_bwd, matmul_peak, moe_mlp, row, step_loss
+from mthl_ds.studies.bench.suite import fwd_bwd, matmul_peak, moe_mlp, row
 from mthl_ds.config import Recipe, load_recipe
+from mthl_ds.models.counting import count_flops
 from mthl_ds.runtime.device import pin_memory, to_device
 from mthl_ds.tasks import fake_batch
 
@@ -102,11 +103,11 @@ def trainer_step(trainer, name: str, steps: int = 2):
 def step_flops(recipe: Recipe, name: str, dtype: torch.dtype, device: torch.device) -> int:
     """FLOPs of one training forward + backward (torch's counter) of a plain copy of the recipe's model."""
     from mthl_ds.studies.memory import cast_parameters
-    from mthl_ds.build import build_model
+    from mthl_ds.build import build_model, training_loss
     model = cast_parameters(build_model(recipe), dtype).to(device)  # buffers stay float32, as in the engine
     batch = to_device(fake_batch(recipe, name), device, dtype)
     model.set_dataset(name)
-    return counted_flops(lambda: step_loss(model, name, batch).backward())
+    return count_flops(lambda: training_loss(model, recipe, name, batch).loss.backward())
 
 
 def trainer_rows(setup: Setup, precision: str, peak: float) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Batch dependence and eval images/s of the MoE forward, per dispatch choice (issue 16):
+"""Batch dependence and eval images/s of the MoE forward, per dispatch choice:
 
 - ``drop``: DeepSpeed's eval capacity (``eval_capacity_factor``), routes over it dropped, every slot computed;
 - ``filled``: no route dropped (capacity = the busiest expert's count), each expert on its filled slots (default);
@@ -63,7 +63,8 @@ def main(argv=None) -> None:
                     together = flat_outputs(model(x))
                     times.append(time.perf_counter() - start)
             diff = float((together[0] - alone[0]).abs().max())
-            print(f"{args.recipe} {choice:<8} {name:<10} {size[0]}x{size[1]} batch {args.batch}: max |alone - in batch| "
+            print(f"{args.recipe} {choice:<8} {name:<10} {size[0]}x{size[1]} batch {args.batch}: "
+                  "max |alone - in batch| "
                   f"{diff:.3g} (max |output| {float(alone.abs().max()):.3g}), "
                   f"{args.batch / statistics.median(times):.1f} images/s", flush=True)
     MoEMlp.run_filled_slots = FILLED

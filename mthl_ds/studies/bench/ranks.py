@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from mthl_ds.studies.bench.common import side_by_side
-from mthl_ds.studies.bench.suite import step_loss
 from mthl_ds.tasks import fake_batch
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.collectives import all_gather, all_reduce_mean, world
 from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
 from mthl_ds.runtime.engine import tensor_bytes
-from mthl_ds.build import build_model
+from mthl_ds.build import build_model, training_loss
 
 
 def demo_engine(*overrides: str):
@@ -29,26 +28,26 @@ def demo_engine(*overrides: str):
     return recipe, engine
 
 
-def backward(engine, name: str, batch: dict) -> None:
+def backward(engine, recipe, name: str, batch: dict) -> None:
     model = engine.module
     model.set_dataset(name)
-    loss = step_loss(model, name, batch, output=engine(batch["image"]))
+    loss = training_loss(model, recipe, name, batch, output=engine(batch["image"])).loss
     model.backbone.update_routing_buffers(all_reduce_mean)
     engine.backward(loss)
 
 
-def train_steps(engine, batches: dict, steps: int):
+def train_steps(engine, recipe, batches: dict, steps: int):
     def run():
         for _ in range(steps):
             for name, batch in batches.items():
-                backward(engine, name, batch)
+                backward(engine, recipe, name, batch)
                 engine.step()
     return run
 
 
-def state_bytes(engine, name: str, batch: dict) -> dict[str, int]:
+def state_bytes(engine, recipe, name: str, batch: dict) -> dict[str, int]:
     """Optimizer and gradient bytes held once a step's backward is done (states exist after the first step)."""
-    backward(engine, name, batch)
+    backward(engine, recipe, name, batch)
     params = list(engine.module.parameters())
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen: set = set()
@@ -68,14 +67,15 @@ def main(out: Path, steps: int, repeats: int) -> None:
     torch.set_num_threads(1)
     recipe, ep2 = demo_engine()
     batches = {name: fake_batch(recipe, name, seed=rank) for name in recipe.datasets}
-    train_steps(ep2, batches, steps)()
+    train_steps(ep2, recipe, batches, steps)()
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before any other engine exists
-    _, ep1 = demo_engine("train.ep_size=1")
-    b4 = side_by_side(train_steps(ep2, batches, steps), train_steps(ep1, batches, steps), repeats)
-    _, stage0 = demo_engine("train.ds_config=stage0_fp32.json")
-    train_steps(stage0, batches, 1)()
+    recipe1, ep1 = demo_engine("train.ep_size=1")
+    b4 = side_by_side(train_steps(ep2, recipe, batches, steps), train_steps(ep1, recipe1, batches, steps), repeats)
+    recipe0, stage0 = demo_engine("train.ds_config=stage0_fp32.json")
+    train_steps(stage0, recipe0, batches, 1)()
     name = next(iter(batches))
-    zero2_parts, stage0_parts = state_bytes(ep2, name, batches[name]), state_bytes(stage0, name, batches[name])
+    zero2_parts = state_bytes(ep2, recipe, name, batches[name])
+    stage0_parts = state_bytes(stage0, recipe0, name, batches[name])
     rss = all_gather(torch.tensor([float(max_rss)], dtype=torch.float64))
     if rank == 0:
         out.write_text(json.dumps({

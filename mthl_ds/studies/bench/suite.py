@@ -26,10 +26,11 @@ from typing import Callable
 
 import torch
 from timm.layers import Mlp
-from torch.utils.flop_counter import FlopCounterMode
 
 from mthl_ds.studies.bench.common import side_by_side
+from mthl_ds.build import training_loss
 from mthl_ds.config import Recipe, load_recipe
+from mthl_ds.models.counting import count_flops
 from mthl_ds.runtime.engine import free_port, launcher_free_env
 from mthl_ds.studies.model_info import dense_twin
 from mthl_ds.moe.gate import PerDatasetGate
@@ -64,12 +65,6 @@ def matmul_peak(size: int = 1024, repeats: int = 10, dtype=torch.float32, device
     return 2 * size ** 3 / best
 
 
-def counted_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 # ---- B1, B2: one MoE MLP layer
 def moe_mlp(dim: int, num_experts: int, top_k: int, dense_hidden: int) -> MoEMlp:
     gate = PerDatasetGate(dim, num_experts, ["bench"], {"bench": top_k}, capacity_factor=1.0,
@@ -91,7 +86,7 @@ def layer_rows(dim: int, tokens: int, experts: int, top_k: int, repeats: int) ->
     dense = Mlp(dim, 4 * dim)
     shape = f"d={dim}, {tokens} tokens, K={top_k}, capacity factor 1.0"
     r1 = side_by_side(fwd_bwd(moe, x), fwd_bwd(dense, x), repeats)
-    flops_moe, flops_dense = counted_flops(fwd_bwd(moe, x)), counted_flops(fwd_bwd(dense, x))
+    flops_moe, flops_dense = count_flops(fwd_bwd(moe, x)), count_flops(fwd_bwd(dense, x))
     r2 = side_by_side(fwd_bwd(moe_2x, x), fwd_bwd(moe, x), repeats)
     return [
         row("B1", f"MoE MLP fwd+bwd vs dense MLP ({shape})", f"E={experts}: {1e3 * r1['candidate_s']:.1f} ms",
@@ -107,17 +102,11 @@ def layer_rows(dim: int, tokens: int, experts: int, top_k: int, repeats: int) ->
 
 
 # ---- B3, B8: the demo model's train step, one process
-def step_loss(model, name: str, batch: dict, output=None) -> torch.Tensor:
-    output = model(batch["image"]) if output is None else output
-    task_loss, _ = model.heads[name].loss(output, batch)
-    return task_loss + model.backbone.router_loss()
-
-
-def train_step(model, optimizer, name: str, batch: dict) -> Callable[[], None]:
+def train_step(model, recipe: Recipe, optimizer, name: str, batch: dict) -> Callable[[], None]:
     def step():
         model.set_dataset(name)
         optimizer.zero_grad(set_to_none=True)
-        step_loss(model, name, batch).backward()
+        training_loss(model, recipe, name, batch).loss.backward()
         optimizer.step()
     return step
 
@@ -132,11 +121,11 @@ def demo_rows(recipe: Recipe, repeats: int, peak: float) -> tuple[list[dict], di
     rows, step_s = [], {}
     for name in recipe.datasets:
         batch = fake_batch(recipe, name)
-        steps = {k: train_step(m, optimizers[k], name, batch) for k, m in models.items()}
+        steps = {k: train_step(m, recipe, optimizers[k], name, batch) for k, m in models.items()}
         flops = {}
         for k, m in models.items():
             m.set_dataset(name)
-            flops[k] = counted_flops(lambda: step_loss(m, name, batch).backward())
+            flops[k] = count_flops(lambda: training_loss(m, recipe, name, batch).loss.backward())
             m.zero_grad(set_to_none=True)
         r = side_by_side(steps["MTHL"], steps["MTHL.D"], repeats)
         limit = 1.05 * flops["MTHL"] / flops["MTHL.D"]
@@ -147,7 +136,8 @@ def demo_rows(recipe: Recipe, repeats: int, peak: float) -> tuple[list[dict], di
                         r["ratio_median"] <= limit,
                         f"{flops['MTHL'] / 1e9:.2f} vs {flops['MTHL.D'] / 1e9:.2f} GFLOP per step"))
         mfu = flops["MTHL"] / r["candidate_s"] / peak
-        rows.append(row("B8", f"demo MTHL train step MFU on {name}", f"{flops['MTHL'] / r['candidate_s'] / 1e9:.1f} GFLOP/s",
+        rows.append(row("B8", f"demo MTHL train step MFU on {name}",
+                        f"{flops['MTHL'] / r['candidate_s'] / 1e9:.1f} GFLOP/s",
                         f"matmul peak {peak / 1e9:.1f} GFLOP/s", mfu, work="fwd+bwd FLOPs (torch counter) / step time",
                         mfu=mfu))
     return rows, step_s
@@ -172,7 +162,8 @@ def rank_rows(result: dict) -> list[dict]:
     b4, b6 = result["b4"], result["b6"]
     per_rank_mib = ", ".join(f"{m / 2 ** 20:.0f}" for m in result["b7_max_rss"])
     return [
-        row("B4", "2 ranks, demo train steps (each dataset once), ZeRO 2", f"ep_size 2: {1e3 * b4['candidate_s']:.0f} ms",
+        row("B4", "2 ranks, demo train steps (each dataset once), ZeRO 2",
+            f"ep_size 2: {1e3 * b4['candidate_s']:.0f} ms",
             f"ep_size 1: {1e3 * b4['baseline_s']:.0f} ms", b4["ratio_median"], (b4["ratio_min"], b4["ratio_max"]),
             "<= 1.10", b4["ratio_median"] <= 1.10, "same global batch; 1 thread per rank"),
         row("B6", "optimizer + gradient state bytes per rank (demo, 2 ranks, ep_size 2)",
