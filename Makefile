@@ -40,7 +40,7 @@ clean:
 #   hjson, pydantic (+ pydantic-core, which it pins, annotated-types, typing-inspection): deepspeed's.
 #     pydantic 2.13.5 and typing-inspection 0.4.2 need typing-extensions>=4.14.1, not >=4.16 as newer ones
 #     do: typing-extensions is the GPU machine's own, so the lower the floor the safer.
-#   webdataset (+ braceexpand), segmentation-models-pytorch, pycocotools: the project's (setup.py).
+#   webdataset (+ braceexpand), segmentation-models-pytorch, pycocotools, xxhash: the project's (setup.py).
 #   timm 1.0.31, our pin: the machine's 1.0.29 Swin refuses inputs other than its build size (PatchEmbed's
 #     strict size check) and mixes a float32 mask into half-precision attention (seen in the first gpu-check).
 # Wheels already there are kept, stale ones (no longer pinned) removed, then all are checked with a
@@ -49,7 +49,7 @@ clean:
 GPU_WHEELS_DIR := .gpu_wheels
 GPU_WHEELS_PINS := timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7 segmentation-models-pytorch==0.6.0 \
 	pycocotools==2.0.11 hjson==3.1.0 pydantic==2.13.5 pydantic-core==2.46.5 annotated-types==0.7.0 \
-	typing-inspection==0.4.2
+	typing-inspection==0.4.2 xxhash==4.1.0
 GPU_WHEELS_SDIST := deepspeed==0.19.8
 GPU_WHEELS_TAGS := --python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -23,6 +23,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "scipy>=1.11",  # torchvision StanfordCars reads the devkit .mat files with it
+        "xxhash>=3.4",  # checkpoint manifests and export checksums (mthl_ds.artifacts.manifest)
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["mthl-ds=mthl_ds.cli:main"]},

@@ -102,6 +102,10 @@ def cmd_bench(args) -> int:
             raise InputError("mthl-ds bench gpu needs a CUDA GPU; torch.cuda.is_available() is False here")
         rows = gpu_rows(repeats=args.repeats)
         columns = COLUMNS
+    elif args.suite == "integrity":
+        from mthl_ds.studies.bench.integrity import run
+        rows = run(repeats=args.repeats)
+        columns = ["benchmark", "candidate", "figure"]
     else:
         from mthl_ds.studies.bench.lamb import run
         rows = run(repeats=args.repeats)
@@ -148,13 +152,23 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from mthl_ds.artifacts.checkpoint import tag_of
     from mthl_ds.artifacts.export import export_run, read_metadata
-    path = export_run(args.run_dir, args.out, args.tag)
+    if args.tag and args.step is not None:
+        raise UsageError("give --tag or --step, not both")
+    path = export_run(args.run_dir, args.out, tag_of(args.step) if args.step is not None else args.tag)
     meta = read_metadata(path)
     m = meta["model"]
     print(f"{path}: {m['parameters'] / 1e6:.2f}M parameters, {m['moe_layers']} MoE layers, experts "
           f"{m['experts_per_layer']}, heads {m['heads']} (from {meta['source']['tag']}, step {meta['source']['step']})")
     return 0
+
+
+def cmd_verify(args) -> int:
+    from mthl_ds.artifacts.checkpoint import verify_report
+    rows, ok = verify_report(args.path)
+    print(rows)
+    return 0 if ok else 1
 
 
 def data_arg(text: str) -> tuple[str, Path]:
@@ -359,9 +373,9 @@ def main(argv=None) -> int:
      help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb", "gpu"],
-                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu: one benchmark in detail "
-                        "(gpu: CUDA only)")
+    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb", "gpu", "integrity"],
+                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity: one benchmark "
+                        "in detail (gpu: CUDA only; integrity: checksum, manifest and export-checksum costs)")
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
@@ -375,7 +389,12 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (e.g. the newest one that verifies)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("verify", help="check a run's checkpoints (or one checkpoint) against their manifests: a table "
+                                      "of step, files, bytes, ok or what is wrong; exit 1 if any is damaged")
+    p.add_argument("path", type=Path, help="a run folder, its checkpoints/ folder or one checkpoint folder")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("evaluate", help="every metric of an export, run folder or checkpoint on val shards "
                                         "(JSON + markdown report)")
     p.add_argument("model", type=Path)

@@ -4,6 +4,8 @@
         "train"  a training step: step, dataset, loss, its parts, router losses, lr, seconds, ...
         "eval"   an evaluation: {"step": steps done, "eval": {dataset: results}}
         "aes"    an AES check (AdaMV-MoE): {"step": steps done, "aes": {held-out losses, K, changes}}
+        "checkpoint"  a resume that passed over damaged checkpoints: {"step": the step resumed at,
+                 "checkpoint": {"resumed_from": tag, "damaged": [{"tag", "problems"}], "moved_to": folder}}
     RUN/checkpoints/<tag>/run.json     a complete checkpoint's record (step, world size, recipe, model)
 
 Rows written before rows had a ``kind`` are read by the rule used then: a row with a ``loss`` is a training
@@ -17,7 +19,7 @@ from typing import Callable, Optional
 
 METRICS_FILE = "metrics.jsonl"
 RUN_RECORD = "run.json"
-ROW_KINDS = ("train", "eval", "aes")
+ROW_KINDS = ("train", "eval", "aes", "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- metrics.jsonl

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mthl_ds.artifacts import checkpoint, surgery
 from mthl_ds.runtime import cpu_half
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
-from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, barrier, world
+from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, world
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
@@ -87,6 +87,7 @@ def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, Sh
     return sets
 
 EXIT_STOPPED = 75  # the run saved a checkpoint on request and should be started again (sbatch requeues)
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full, I/O error): the previous one is intact
 
 class StopFlag:
     """A request to checkpoint and stop: SIGUSR1 / SIGTERM to a rank, or a ``STOP`` file in the run folder
@@ -163,15 +164,19 @@ class Trainer:
         self.pending: list[dict] = []  # steps run since the last flush, their figures still on the device
         self.window_start = time.perf_counter()
         self.stopped_early = False
+        self.damaged: list[dict] = []  # checkpoints a resume passed over, with what is wrong with each
 
     # ---- set-up
     def setup(self) -> None:
         self.recipe = r = resolve_source(self.recipe)
         check_world(r, launch_world_size())
         self.sets = open_shards(r, launch_world_size())
-        resume_tag = checkpoint.check_resume(self.ckpt_dir, r)
+        checkpoint.check_resume(self.ckpt_dir, r)
         init_distributed(r.train.collective_timeout_s)
         self.rank, self.world = world()
+        resume_tag, self.damaged = checkpoint.resume_tag(self.ckpt_dir, self.rank)
+        if self.damaged and resume_tag:
+            checkpoint.check_resume(self.ckpt_dir, r, resume_tag)
         self.device = local_device()
         if r.train.deterministic:
             use_deterministic_kernels()
@@ -191,6 +196,10 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
             self.metrics_file = self.open_metrics()
+            if self.damaged:  # a resume that passed over damaged checkpoints says so in the metrics too
+                self.metrics_file.write("checkpoint", {"step": self.step, "checkpoint": {
+                    "resumed_from": resume_tag, "damaged": self.damaged,
+                    "moved_to": str(self.ckpt_dir / checkpoint.DAMAGED)}})
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.stop.install()
@@ -397,7 +406,7 @@ class Trainer:
         rank_state = {"loaders": {n: loader.state_dict() for n, loader in self.loaders.items()}, "usage": self.usage,
                       "aes": self.selection.state_dict() if self.selection else None}
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.recipe, self.model, rank_state, self.rank,
-                        self.world, barrier)
+                        self.world)
 
     def load(self, tag: str, state: dict) -> None:
         """The engine, RNG states, routing usage and AES state from ``state`` (this rank's saved one); the loaders
@@ -497,6 +506,9 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe, args.set)
         trainer = Trainer(recipe, args.out)
         trainer.run()
+    except checkpoint.CheckpointSaveError as e:
+        print(f"mthl-ds train: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     except (ConfigError, ShardError, CheckpointError, NonFiniteLoss) as e:
         print(f"mthl-ds train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

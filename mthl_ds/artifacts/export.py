@@ -5,17 +5,20 @@ The file holds every weight of the single-device model (ep_size 1, float32) unde
 ``state_dict`` uses, and one JSON metadata entry (``mthl_ds``) with what rebuilds it (nanoGPT: a checkpoint
 carries the model's arguments): the recipe the model was first built from, the surgery rules applied since,
 each dataset's inputs (task, input size, class names: what evaluate and predict need), and a description a person
-can read (MoE layers, experts per layer, K and routers per dataset, heads, source). Checkpoints themselves, and
+can read (MoE layers, experts per layer, K and routers per dataset, heads, source), and the xxh3-64 checksum
+of the tensors' bytes, which loading checks: a damaged file is refused, naming it. Checkpoints themselves, and
 their consolidation into the single-device model, are ``mthl_ds.artifacts.checkpoint``'s.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -27,6 +30,7 @@ from mthl_ds.models.mthl import MTHLModel
 
 FORMAT = "mthl-ds-export/1"
 METADATA_KEY = "mthl_ds"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -65,6 +69,15 @@ def dataset_inputs(recipe: dict) -> dict[str, dict]:
     return out
 
 
+def tensors_checksum(state: dict[str, torch.Tensor]) -> str:
+    """xxh3-64 of the tensors' bytes, in name order: what an export's metadata carries (``checksum``) and
+    :func:`load_export` checks."""
+    h = xxhash.xxh3_64()
+    for name in sorted(state):
+        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_export(path: Path, model: MTHLModel, source: dict, recipe: Optional[dict] = None) -> Path:
     """Write ``model`` (single-device) with its metadata; the file appears only once complete. ``recipe``: the
     run's recipe (as a dict), whose datasets give each head's input size and class names."""
@@ -74,6 +87,7 @@ def save_export(path: Path, model: MTHLModel, source: dict, recipe: Optional[dic
     # one fresh, contiguous float32 copy per tensor (safetensors refuses tensors that share storage)
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach())
              .clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    meta["checksum"] = {"algorithm": "xxh3_64", "tensors": tensors_checksum(state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
@@ -131,6 +145,12 @@ def load_export(path: Path, ep_size: int = 1, ep_rank: int = 0) -> tuple[MTHLMod
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise ExportError(f"{path}: the weights cannot be read ({e}); is the file truncated?") from None
+    expected = (meta.get("checksum") or {}).get("tensors")
+    if expected is None:
+        log.warning("%s carries no checksum (exported before exports had one): loading it unverified", path)
+    elif (found := tensors_checksum(state)) != expected:
+        raise ExportError(f"{path}: damaged: its weights do not match the checksum it was written with (xxh3_64 "
+                          f"{expected}, found {found}); export it again from its run")
     check_state(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return surgery.shard_experts(model, ep_size, ep_rank), meta
