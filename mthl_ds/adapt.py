@@ -11,9 +11,9 @@ from typing import Optional
 import yaml
 
 from mthl_ds.adapt_modes import MODES, ROUTERS
-from mthl_ds.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
-from mthl_ds.artifacts.export import load_export, read_metadata
 from mthl_ds.artifacts.adapted import adapted_model
+from mthl_ds.artifacts.export import load_export, read_metadata
+from mthl_ds.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
 from mthl_ds.models.counting import count_parameters, image_flops
 from mthl_ds.models.mthl import MTHLModel
 
@@ -76,8 +76,8 @@ def run_phase(recipe_dict: dict, out: Path) -> tuple[dict, Path]:
 
 def run_mode(model: Path, data: NewDataset, mode: str, out: Path, train: dict, stats_images: int = 256) -> dict:
     """One Table-3 row: the mode's phases, then its figures (trainable / model parameters, FLOPs, metric)."""
-    from mthl_ds.data.reader import ShardSet
     from mthl_ds.analysis.stats import routing_statistics, write_statistics
+    from mthl_ds.data.reader import ShardSet
     if mode not in MODES:
         raise ConfigError(f"unknown adaptation mode {mode!r}; choose from {sorted(MODES)}")
     phases, top_k = MODES[mode]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-
 ROUTERS = {"freeze_backbone": True}
 # name -> (phases, top_k): each phase is the adapt section of one run; a second phase starts from the first's
 # export and reads the routing statistics of its new router (pruning, most/least-used selection).

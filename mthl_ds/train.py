@@ -26,34 +26,36 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mthl_ds.artifacts import checkpoint, surgery
-from mthl_ds.runtime import cpu_half
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
-from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, world
+from mthl_ds.artifacts import checkpoint, surgery
+from mthl_ds.artifacts.adapted import build_run_model, resolve_source
+from mthl_ds.build import training_loss
 from mthl_ds.config import ConfigError, Recipe, load_recipe, read_ds_config, recipe_to_dict
 from mthl_ds.data.pipelines import DatasetLoader, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
 from mthl_ds.errors import CheckpointError
+from mthl_ds.evaluate import evaluate, pipeline_config
+from mthl_ds.runfiles import MetricsLog, keep_metrics, row_kind
+from mthl_ds.runtime import cpu_half
+from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, world
 from mthl_ds.runtime.device import local_device, pin_memory, to_device
 from mthl_ds.runtime.engine import build_engine, engine_state_bytes, ep_rank, init_distributed
-from mthl_ds.evaluate import evaluate, pipeline_config
-
-from mthl_ds.artifacts.adapted import build_run_model, resolve_source
-from mthl_ds.build import training_loss
 from mthl_ds.runtime.optim import Lamb
-from mthl_ds.runfiles import MetricsLog, keep_metrics, row_kind
 
 log = logging.getLogger("mthl_ds.train")
 
+
 class NonFiniteLoss(RuntimeError):
     pass
+
 
 # ------------------------------------------------------------------------------------------ checks before start
 
 def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
 
 def check_world(recipe: Recipe, world_size: int) -> None:
     """Checks that need the world size, made from the launcher's environment before any process group."""
@@ -66,9 +68,11 @@ def check_world(recipe: Recipe, world_size: int) -> None:
             raise ConfigError(f"{recipe.train.ds_config}: {key} is set at run time from datasets.<name>.batch_size; "
                               "remove it from the DeepSpeed config")
 
+
 def dataset_dir(recipe: Recipe, name: str) -> Path:
     path = Path(recipe.datasets[name].shards or name)
     return path if path.is_absolute() else Path(recipe.train.data_root) / path
+
 
 def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, ShardSet]]:
     """Open every train/val shard set and check it against the recipe, before any expensive work."""
@@ -86,8 +90,10 @@ def open_shards(recipe: Recipe, world_size: int) -> dict[str, tuple[ShardSet, Sh
         sets[name] = (train, val)
     return sets
 
+
 EXIT_STOPPED = 75  # the run saved a checkpoint on request and should be started again (sbatch requeues)
 EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full, I/O error): the previous one is intact
+
 
 class StopFlag:
     """A request to checkpoint and stop: SIGUSR1 / SIGTERM to a rank, or a ``STOP`` file in the run folder
@@ -110,6 +116,7 @@ class StopFlag:
         flag = all_reduce_sum(torch.tensor([1.0 if requested else 0.0], device=device))
         return bool(flag.item() > 0)
 
+
 def use_deterministic_kernels() -> None:
     """``train.deterministic``: torch's deterministic kernels where it has them (index_add, scatter_add, convolutions,
     cuBLAS with a fixed workspace), a warning naming each op that has none (on CUDA: bilinear upsampling's and
@@ -119,12 +126,14 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
+
 def lamb_of(engine) -> Optional[Lamb]:
     """The engine's :class:`Lamb` (inside DeepSpeed's ZeRO or mixed-precision wrapper), or None."""
     optimizer = engine.optimizer
     while optimizer is not None and not isinstance(optimizer, Lamb):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
+
 
 def resolved(records: list[dict]) -> list[dict]:
     """``records`` with every tensor value read into Python numbers (lists for tensors of more than one value),
@@ -141,10 +150,12 @@ def resolved(records: list[dict]) -> list[dict]:
         cursor += n
     return out
 
+
 def logged_by(row: dict, steps_done: int) -> bool:
     """Whether a metrics row belongs to a run that has done ``steps_done`` steps: a training row's ``step`` is its
     step's index; AES and eval rows give the steps done when they were taken (at, or after, that checkpoint)."""
     return row.get("step", 0) < steps_done if row_kind(row) == "train" else row.get("step", 0) <= steps_done
+
 
 # ------------------------------------------------------------------------------------------------ the trainer
 
@@ -488,6 +499,7 @@ class Trainer:
         for name, r in final.items():
             print(f"{name:<10} {r['task']:<15} {r['metric']} {r['value']:.2f} (chance {r['chance']:.2f})")
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mthl-ds train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -513,6 +525,7 @@ def main(argv=None) -> int:
         print(f"mthl-ds train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return EXIT_STOPPED if trainer.stopped_early else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

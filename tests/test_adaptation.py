@@ -4,20 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import run_ranks
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import run_ranks
-
-from mthl_ds.artifacts import surgery
 from mthl_ds.adapt import NewDataset, phase_recipe, run_mode, run_phase
-from mthl_ds.config import ConfigError, load_recipe
-from mthl_ds.errors import ExportError
+from mthl_ds.analysis.stats import RouteRecorder, routing_statistics, write_statistics
+from mthl_ds.artifacts import surgery
 from mthl_ds.artifacts.export import export_run, load_export, read_metadata, save_export
 from mthl_ds.build import build_model
+from mthl_ds.config import ConfigError, load_recipe
+from mthl_ds.errors import ExportError
 from mthl_ds.models.counting import count_parameters
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
 from mthl_ds.moe.layer import MoEMlp
-from mthl_ds.analysis.stats import RouteRecorder, routing_statistics, write_statistics
 
 ADAPT_TRAIN = {"steps": 6, "warmup_steps": 1, "workers": 0, "lr": 0.01, "log_every": 1}
 

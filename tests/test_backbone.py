@@ -1,9 +1,8 @@
 """moeify on the six paper backbones, the debug flavours, upcycling, recomputation and bad input."""
 import pytest
 import torch
-from timm.layers import Mlp
-
 from conftest import ROOT
+from timm.layers import Mlp
 
 from mthl_ds.config import MoEConfig
 from mthl_ds.models.backbone import build_backbone, create_timm, mlp_blocks
@@ -118,9 +117,10 @@ def test_grad_checkpointing_gives_the_gradients_of_the_run_without_it(backbone):
     each backward as the trainer does: routing recorded once per forward, gradients equal to the plain run's. Folded
     before the backward instead, the recomputed blocks would see the moved buffer and the MI gradient would differ."""
     from conftest import demo_overrides
-    from mthl_ds.tasks import fake_batch
-    from mthl_ds.config import load_recipe
+
     from mthl_ds.build import build_model
+    from mthl_ds.config import load_recipe
+    from mthl_ds.tasks import fake_batch
 
     def run(checkpointing, fold_first=False):
         recipe = load_recipe("demo", demo_overrides(ROOT, ep_size=1) + [

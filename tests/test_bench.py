@@ -4,8 +4,8 @@ import math
 import subprocess
 import sys
 
-from mthl_ds.studies.bench.suite import COLUMNS
 from mthl_ds.runtime.engine import launcher_free_env
+from mthl_ds.studies.bench.suite import COLUMNS
 
 
 def test_bench_suite_smoke(tmp_path):
@@ -32,8 +32,8 @@ def test_bench_suite_smoke(tmp_path):
 
 
 def test_inference_bench_prints_batch_dependence_per_dispatch_choice(capsys):
-    from mthl_ds.studies.bench.inference import main
     from mthl_ds.moe.layer import MoEMlp
+    from mthl_ds.studies.bench.inference import main
     filled = MoEMlp.run_filled_slots
     main(["demo", "4", "--datasets", "imagenet", "--repeats", "1"])
     assert MoEMlp.run_filled_slots is filled  # the default path is restored

@@ -7,21 +7,21 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import demo_overrides, train_cli
+
 from mthl_ds.aes import AdaptiveTopK, heldout_positions
+from mthl_ds.analysis.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence,
+                                    routing_statistics, shared_parameters, token_grid, usage_of)
+from mthl_ds.artifacts.checkpoint import consolidate
+from mthl_ds.artifacts.export import export_run, load_export, read_metadata
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.data.pipelines import eval_loader, make_decoder
 from mthl_ds.data.reader import EvalStream, ShardSet, TrainStream
-from mthl_ds.artifacts.checkpoint import consolidate
-from mthl_ds.artifacts.export import export_run, load_export, read_metadata
+from mthl_ds.evaluate import pipeline_config
 from mthl_ds.models.backbone import resolve_layers
-from mthl_ds.build import build_model
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
-from mthl_ds.analysis.stats import (RouteRecorder, expert_maps, gradient_cosine, plot_expert_maps, routing_convergence,
-                            routing_statistics, shared_parameters, token_grid, usage_of)
-from mthl_ds.evaluate import pipeline_config
 from mthl_ds.train import open_shards
 
 # ------------------------------------------------------------------------------------------ AES, by hand
@@ -297,8 +297,8 @@ def test_expert_maps_of_moe_attention_give_two_distinct_experts_per_patch(shards
 
 
 def test_stats_refuses_a_bad_layer_or_a_different_model_before_any_work(shards, tmp_path, capsys):
-    from mthl_ds.cli import main
     from mthl_ds.artifacts.export import save_export
+    from mthl_ds.cli import main
     demo = save_export(tmp_path / "demo.safetensors", build_model(load_recipe("demo")), {})
     squad = save_export(tmp_path / "squad.safetensors", build_model(load_recipe("demo_modsquad")), {})
     common = ["--data", f"coco={shards / 'coco'}", "--split", "val", "--out", str(tmp_path / "out")]

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import ROOT, demo_overrides
+
 from mthl_ds.config import load_recipe
 
 pytestmark = pytest.mark.cuda
@@ -115,11 +115,11 @@ def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_pa
 def test_model_and_lamb_step_run_under_sync_debug_error():
     """Our whole step without DeepSpeed: forward, task + router losses, the non-finite flag, backward, LAMB (whole
     tensors), the routing-buffer fold and the usage count, under ``set_sync_debug_mode("error")`` after a warm-up."""
-    from mthl_ds.tasks import fake_batch
+    from mthl_ds.build import build_model
     from mthl_ds.runtime.device import to_device
     from mthl_ds.runtime.engine import optimizer_groups
-    from mthl_ds.build import build_model
     from mthl_ds.runtime.optim import Lamb
+    from mthl_ds.tasks import fake_batch
     recipe = load_recipe("demo")
     model = build_model(recipe).cuda().train()
     optimizer = Lamb(optimizer_groups(model, 0.05), lr=1e-3)
@@ -154,11 +154,11 @@ def test_memory_plan_matches_the_allocator_peak(capsys):
     """``mthl_swin_t`` at the paper's per-GPU batches {64, 2, 2}, fp16 ZeRO 2 on one GPU: the plan for one GPU
     (ZeRO states + activations measured on this GPU) against ``torch.cuda.max_memory_allocated`` of a real engine
     step above what was allocated before the engine, within 15% per dataset."""
-    from mthl_ds.tasks import fake_batch
+    from mthl_ds.build import build_model
     from mthl_ds.runtime.device import to_device
     from mthl_ds.runtime.engine import build_engine, init_distributed
     from mthl_ds.studies.memory import measure_activations, memory_plan, parameter_counts
-    from mthl_ds.build import build_model
+    from mthl_ds.tasks import fake_batch
     batches = {"imagenet": 64, "coco": 2, "ade20k": 2}
     recipe = load_recipe("mthl_swin_t", ["train.ep_size=1"] + [f"datasets.{n}.batch_size={b}"
                                                                for n, b in batches.items()])

@@ -29,15 +29,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from workers.eval_ranks import prepare
 
-from mthl_ds.studies.bench.inference import flat_outputs
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.data.reader import ShardSet
 from mthl_ds.evaluate import evaluate
-from mthl_ds.build import build_model
 from mthl_ds.predict import Predictor
+from mthl_ds.studies.bench.inference import flat_outputs
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.cuda

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mthl_ds.data.pipelines import (IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, make_decoder)
+from mthl_ds.data.convert import convert, convert_world
+from mthl_ds.data.pipelines import IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
-from mthl_ds.data.convert import convert, convert_world
 from mthl_ds.data.shards import ShardError
 from mthl_ds.studies.synth import write_world
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mthl_ds.tasks import fake_batch
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.device import to_device
 from mthl_ds.runtime.engine import optimizer_groups
-from mthl_ds.build import build_model
 from mthl_ds.runtime.optim import Lamb, PartitionLayout
+from mthl_ds.tasks import fake_batch
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mthl_ds"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",

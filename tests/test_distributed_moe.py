@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, WORKERS, run_ranks
 from workers.moe_ranks import EP_OVERRIDES, global_batch
 
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.engine import free_port, launcher_free_env
-from mthl_ds.build import build_model
 
 
 @pytest.fixture(scope="module")

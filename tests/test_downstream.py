@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from test_data import all_samples
 
+from mthl_ds.analysis.metrics import SegmentationEvaluator, voc_ap, voc_map
 from mthl_ds.data.convert import convert
 from mthl_ds.data.pipelines import IGNORE_INDEX, PipelineConfig, make_decoder
 from mthl_ds.data.shards import ShardError
 from mthl_ds.studies.synth import PETS_CLASSES, classification_image, write_cityscapes, write_oxford_pets, write_voc
-from mthl_ds.analysis.metrics import SegmentationEvaluator, voc_ap, voc_map
 
 
 def samples_of(folder):
@@ -360,9 +360,9 @@ def downstream_sets(tmp_path_factory):
                                                 ("cityscapes", (64, 64), "mIoU")])
 def test_adapting_an_export_to_each_kind_of_downstream_set(downstream_sets, name, size, metric, tmp_path):
     from mthl_ds.adapt import NewDataset, phase_recipe, run_phase
-    from mthl_ds.config import load_recipe
     from mthl_ds.artifacts.export import read_metadata, save_export
     from mthl_ds.build import build_model
+    from mthl_ds.config import load_recipe
     source = save_export(tmp_path / "demo.safetensors", build_model(load_recipe("demo")), {"note": "fresh"})
     data = NewDataset(name, downstream_sets / name, size, batch_size=2, head_channels=32)
     recipe = phase_recipe(source, data, {}, None, {"steps": 3, "warmup_steps": 1, "workers": 0, "log_every": 1})

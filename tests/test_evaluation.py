@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import demo_overrides, run_ranks
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from conftest import demo_overrides, run_ranks
 from workers.eval_ranks import EVAL_OVERRIDES, fixed_images, head_outputs, prepare
 
-from mthl_ds.config import load_recipe
-from mthl_ds.data.reader import ShardSet
-from mthl_ds.data.pipelines import IGNORE_INDEX
 from mthl_ds.analysis.metrics import DetectionEvaluator, SegmentationEvaluator
 from mthl_ds.build import build_model
+from mthl_ds.config import load_recipe
+from mthl_ds.data.pipelines import IGNORE_INDEX
+from mthl_ds.data.reader import ShardSet
 from mthl_ds.evaluate import evaluate
 from mthl_ds.train import open_shards
 

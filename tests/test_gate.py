@@ -168,6 +168,7 @@ def test_drop_tokens_false_keeps_every_route():
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
 def test_top_k_routes_equal_deepspeed_topkgating_without_ties(drop_tokens, capacity_factor):
     from deepspeed.moe.sharded_moe import topkgating
+
     from mthl_ds.moe.gate import top_k_routes
     logits = torch.randn(300, 12, generator=torch.Generator().manual_seed(5))
     ours = top_k_routes(logits, 4, capacity_factor, 4, drop_tokens)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from mthl_ds.config import ConfigError, load_recipe
 from mthl_ds.data.pipelines import PipelineConfig, detection_decoder
-from mthl_ds.models.backbone import BACKBONES, create_timm
 from mthl_ds.geometry import nearest_valid, padded, size_problem, smallest_side, swin_window
+from mthl_ds.models.backbone import BACKBONES, create_timm
 from mthl_ds.models.heads import RetinaNetDetectionHead
 
 

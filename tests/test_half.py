@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, run_ranks
+
 from mthl_ds.runtime import cpu_half
 
 
@@ -29,9 +29,10 @@ def test_fp16_overflow_on_one_rank_is_skipped_everywhere_and_resumes_bitwise(sha
     for key, ranks in s["changed_when_applied"].items():  # ... which an applied step does move
         assert ranks == [True, True], key
     # the LR schedule stays on the trainer's step: the same values as a run without skips
+    from conftest import demo_overrides
+
     from mthl_ds.config import load_recipe
     from mthl_ds.runtime.engine import triangular_schedule
-    from conftest import demo_overrides
     recipe = load_recipe("demo", demo_overrides(shards, steps=7))
     schedule = triangular_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr),
                                    recipe.train.warmup_steps, 7)

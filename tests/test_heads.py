@@ -3,12 +3,12 @@ import statistics
 
 import pytest
 import torch
-
 from conftest import demo_overrides
+
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.data.pipelines import DatasetLoader, make_decoder
 from mthl_ds.data.reader import ShardSet
-from mthl_ds.build import build_model
 from mthl_ds.evaluate import pipeline_config
 
 
@@ -41,6 +41,7 @@ def test_detection_loss_is_mmdet_normalised_and_the_same_for_any_split_over_rank
     boxes all background), mmdet's avg_factor; split over 2 "ranks" whose counts are averaged, the mean of their
     losses (what data parallelism trains on) equals the one-process loss."""
     from torchvision.ops import box_iou, sigmoid_focal_loss
+
     from mthl_ds.models.heads import RetinaNetDetectionHead
     torch.manual_seed(0)
     head = RetinaNetDetectionHead([16, 32, 64, 128], 3, 32)

@@ -3,18 +3,17 @@ and the static RetinaNet loss against the loss it replaced."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                           FakeTensorMode)
-from torch.utils._pytree import tree_leaves
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from mthl_ds.config import DatasetConfig
 from mthl_ds.geometry import IGNORE_INDEX
+from mthl_ds.models.heads import (RetinaNetDetectionHead, SyncBatchNorm2d, level_anchors, padded_targets,
+                                  retina_cell_anchors)
 from mthl_ds.tasks import task_spec
-from mthl_ds.models.heads import (RetinaNetDetectionHead, SyncBatchNorm2d, level_anchors,
-                                  padded_targets, retina_cell_anchors)
 
 CHANNELS = [16, 32, 64, 128]
 
@@ -223,6 +222,7 @@ def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch():
     """SyncBatchNorm2d on 2 gloo ranks (through ``mthl_ds.runtime.collectives``): each rank's output, input gradient and
     running statistics equal ``nn.BatchNorm2d`` over the whole batch in one process."""
     import socket
+
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     x = torch.randn(4, 3, 2, 2)

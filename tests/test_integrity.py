@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, demo_overrides, train_cli
+
 from mthl_ds.artifacts import manifest
 from mthl_ds.artifacts.checkpoint import consolidate
 from mthl_ds.artifacts.export import load_export, save_export
@@ -151,7 +151,8 @@ def test_export_and_verify_refuse_a_damaged_checkpoint_naming_the_file_and_the_g
     assert "| ok |" in table.stdout  # step 4
 
 
-@pytest.mark.parametrize("kind, fault", [("model states", "flip"), ("an expert file", "truncate"),
+@pytest.mark.parametrize("kind, fault", [("model states", "flip"), ("an expert file", "flip"),
+                                         ("an optimizer shard", "flip"), ("an expert file", "truncate"),
                                          ("an optimizer shard", "delete")])
 def test_resume_falls_back_to_the_last_good_checkpoint_and_ends_as_a_run_resumed_from_it(straight, tmp_path,
                                                                                         kind, fault):
@@ -178,10 +179,19 @@ def test_resume_falls_back_to_the_last_good_checkpoint_and_ends_as_a_run_resumed
 
 
 def test_a_run_written_before_manifests_still_loads_with_a_warning(straight, tmp_path):
+    """A checkpoint of main before manifests: no manifest.json, and a run.json that does not say one was written
+    (a checkpoint whose run.json says so and has none is damaged)."""
     run_dir = tmp_path / "run"
     shutil.copytree(straight[0], run_dir)
+    (run_dir / "checkpoints" / STEP8 / "manifest.json").unlink()
+    table = mthl_ds(["verify", run_dir])
+    assert table.returncode == 1 and \
+        "| DAMAGED: manifest.json: missing (run.json says one was written) |" in table.stdout
     for folder in (run_dir / "checkpoints").glob("step*"):
-        (folder / "manifest.json").unlink()
+        (folder / "manifest.json").unlink(missing_ok=True)
+        record = json.loads((folder / "run.json").read_text())
+        del record["manifest"]
+        (folder / "run.json").write_text(json.dumps(record))
     proc = mthl_ds(["export", run_dir, "--out", tmp_path / "model.safetensors"])
     assert proc.returncode == 0 and "step 8" in proc.stdout
     assert "has no manifest.json (written before checkpoints had one): reading it unverified" in proc.stderr

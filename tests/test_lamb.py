@@ -2,13 +2,12 @@
 import pytest
 import timm.optim
 import torch
-
 from conftest import run_ranks
 from workers.lamb_ranks import overrides, train, weights
 
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.engine import build_engine, init_distributed
-from mthl_ds.build import build_model
 from mthl_ds.runtime.optim import Lamb
 
 TOLERANCE = 1e-5

@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-
 from conftest import demo_overrides
+
 from mthl_ds.adapt import NewDataset, phase_recipe
 from mthl_ds.adapt_modes import MODES
 from mthl_ds.artifacts import surgery

@@ -4,10 +4,10 @@ import pytest
 import timm
 import torch
 
-from mthl_ds.config import ConfigError, MoEConfig, load_recipe
 from mthl_ds.artifacts.export import load_model, save_export
-from mthl_ds.models.backbone import BACKBONES, build_backbone, mlp_blocks
 from mthl_ds.build import build_model
+from mthl_ds.config import ConfigError, MoEConfig, load_recipe
+from mthl_ds.models.backbone import BACKBONES, build_backbone, mlp_blocks
 
 
 def timm_checkpoint(path, name, img_size, seed, original_layout=False):

@@ -3,10 +3,9 @@ launcher (mthl_swin_t in fp16, as the V100 run; a ViT companion in bf16): every 
 resume, an export, an evaluation, and the memory plan, whose ZeRO states match the engines' byte for byte."""
 import json
 import math
+import shutil
 import subprocess
 import sys
-
-import shutil
 
 import pytest
 

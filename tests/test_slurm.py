@@ -16,7 +16,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_training import checkpoint_tensors
 

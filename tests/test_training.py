@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import demo_overrides, run_ranks, train_cli
+
 from mthl_ds.runtime.engine import launcher_free_env
 
 

@@ -22,8 +22,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mthl_ds.geometry import IGNORE_INDEX
 from mthl_ds.data.reader import ShardSet, read_shard
+from mthl_ds.geometry import IGNORE_INDEX
 from mthl_ds.runtime.device import DeviceLike
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mthl_ds.analysis.plots import plt
+from mthl_ds.analysis.report import plot_usage
 from mthl_ds.data.pipelines import MEAN, STD, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet
-from mthl_ds.runtime.device import to_device
 from mthl_ds.models.counting import count_parameters
 from mthl_ds.models.mthl import MTHLModel
 from mthl_ds.moe.gate import Routes
-from mthl_ds.analysis.plots import plt
-from mthl_ds.analysis.report import plot_usage
+from mthl_ds.runtime.device import to_device
 
 
 def gate_names(model: MTHLModel) -> list[str]:

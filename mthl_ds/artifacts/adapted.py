@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from mthl_ds.artifacts import surgery
-from mthl_ds.config import ConfigError, Recipe, recipe_from_dict
-from mthl_ds.errors import ExportError
 from mthl_ds.artifacts.export import load_export, read_metadata
 from mthl_ds.build import build_model
+from mthl_ds.config import ConfigError, Recipe, recipe_from_dict
+from mthl_ds.errors import ExportError
 from mthl_ds.models.mthl import MTHLModel
 
 

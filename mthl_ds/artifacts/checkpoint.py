@@ -65,7 +65,11 @@ def problems_of(folder: Path, share: tuple[int, int] = (0, 1)) -> Optional[list[
     being written before manifests). ``share``: (rank, ranks), each rank reading its share of the files."""
     found = manifest.read(folder)
     if found is None:
-        return None
+        try:
+            recorded = read_run_record(folder).get("manifest")
+        except (OSError, ValueError):
+            recorded = None
+        return [f"{manifest.MANIFEST}: missing ({RUN_RECORD} says one was written)"] if recorded else None
     return [str(p) for p in manifest.verify(folder, found, share)]
 
 
@@ -252,7 +256,7 @@ def save(engine, ckpt_dir: Path, step: int, recipe: Recipe, model: MTHLModel, ra
     everyone = all_gather_objects(digests)
     if rank == 0:  # the checkpoint is complete: record it, then move the pointer atomically
         write_run_record(folder, {
-            "step": step, "world_size": world_size, "signature": model_signature(recipe),
+            "step": step, "world_size": world_size, "manifest": manifest.MANIFEST, "signature": model_signature(recipe),
             "recipe": recipe_to_dict(recipe), "model": {"built_from": model.built_from, "surgery": model.surgery}})
         entries = {name: d for part in everyone for name, d in part.items()}
         entries[RUN_RECORD] = manifest.digest(folder / RUN_RECORD)
@@ -375,13 +379,13 @@ def consolidate(run_dir: Path, tag: Optional[str] = None) -> tuple[MTHLModel, di
     """(single-device model, source description) of a run's checkpoint: ``tag``, or the latest complete one, for
     any ep_size, ZeRO stage and precision it was trained with; verified against its manifest first."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    tag = tag or latest_complete(ckpt_dir)
+    tag = tag or pointed_tag(ckpt_dir)
     if tag is None:
         raise ExportError(f"{run_dir} has no complete checkpoint ({ckpt_dir / POINTER} is missing)")
+    verified(ckpt_dir, tag)
     run_file = ckpt_dir / tag / RUN_RECORD
     if not run_file.is_file():
         raise ExportError(f"{ckpt_dir / tag} is not a complete checkpoint ({run_file.name} is missing)")
-    verified(ckpt_dir, tag)
     run = read_run_record(ckpt_dir / tag)
     recipe = run["recipe"]
     source = {"run": str(Path(run_dir).resolve()), "tag": tag, "step": run["step"], "world_size": run["world_size"],
@@ -420,13 +424,12 @@ def verify_report(path: Path) -> tuple[str, bool]:
     lines = ["| step | files | bytes | status |", "|---|---|---|---|"]
     ok = True
     for folder in folders:
-        found = manifest.read(folder)
+        problems = problems_of(folder)
         files = manifest.step_files(folder)
-        if found is None:
+        if problems is None:
             status = ("not complete (no run.json): a save that did not finish" if not (folder / RUN_RECORD).is_file()
                       else "no manifest (written before checkpoints had one): not verified")
         else:
-            problems = [str(p) for p in manifest.verify(folder, found)]
             ok &= not problems
             status = "ok" if not problems else f"DAMAGED: {'; '.join(problems)}"
         mark = " (latest_complete)" if folder.name == pointer else ""

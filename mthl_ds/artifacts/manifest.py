@@ -5,8 +5,9 @@ A step folder's ``manifest.json`` lists each file DeepSpeed and the trainer wrot
 expert, optimizer shards, each rank's state, ``run.json``) with its size in bytes and its xxh3-64 checksum
 (xxHash's XXH3, 64-bit: fast enough that reading the file, not hashing it, sets the cost). The trainer writes
 it into the step folder before the ``latest_complete`` pointer moves, inside the same commit, so a step that
-claims to be complete has one. Readers verify against it before loading: a file whose size or checksum differs, or that is missing, is named with what was expected and
-what was found. A checkpoint written before manifests existed has none; it still loads, with a warning.
+claims to be complete has one. Readers verify against it before loading: a file whose size or checksum differs,
+or that is missing, is named with what was expected and what was found. A checkpoint written before manifests
+existed has none; it still loads, with a warning.
 """
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ from typing import Iterable
 
 import torch
 
+from mthl_ds.build import build_model
 from mthl_ds.config import ConfigError, DatasetConfig, recipe_from_dict
 from mthl_ds.errors import ExportError
 from mthl_ds.models.backbone import mlp_blocks
-from mthl_ds.build import build_model
 from mthl_ds.models.mthl import MTHLModel
 from mthl_ds.moe.layer import Adapter, MoEMlp
 from mthl_ds.tasks import task_spec

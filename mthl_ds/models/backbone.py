@@ -22,8 +22,8 @@ from mthl_ds.config import MoEConfig
 from mthl_ds.models.pretrained import load_dense_checkpoint
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
-from mthl_ds.moe.losses import exact_negative_mi
 from mthl_ds.moe.layer import MoEMlp
+from mthl_ds.moe.losses import exact_negative_mi
 
 # name -> (timm constructor kwargs, default MoE placement). The paper: every MLP for T/S, every second for B.
 BACKBONES: dict[str, tuple[dict, str]] = {

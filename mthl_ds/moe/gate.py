@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mthl_ds.runtime.collectives import all_reduce_
 from mthl_ds.moe import losses as L
+from mthl_ds.runtime.collectives import all_reduce_
 
 DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -42,6 +42,7 @@ MODULES = ("torch", "torchvision", "timm", "deepspeed", "webdataset", "pycocotoo
 def environment() -> dict:
     """What the machine is and which dependencies import (with versions)."""
     import importlib
+
     import torch
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available()}

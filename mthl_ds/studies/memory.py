@@ -130,9 +130,9 @@ def measure_activations(recipe: Recipe, batch_sizes: Sequence[int] = (1, 2), pro
     ``device`` (default: this process's, see ``mthl_ds.runtime.device``): the saved tensors everywhere, with and without
     activation checkpointing, and on CUDA also the allocator's peak over forward and backward, which the plan then
     uses (without checkpointing)."""
-    from mthl_ds.tasks import fake_batch
-    from mthl_ds.runtime.device import local_device, to_device
     from mthl_ds.build import build_model, training_loss
+    from mthl_ds.runtime.device import local_device, to_device
+    from mthl_ds.tasks import fake_batch
     dtype = DTYPES[precision(recipe)]
     device = device or local_device()
     model = cast_parameters(build_model(recipe), dtype).to(device)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mthl_ds.config import Recipe
 from mthl_ds.build import build_model
+from mthl_ds.config import Recipe
 from mthl_ds.models.counting import count_parameters, image_flops
 from mthl_ds.models.mthl import MTHLModel
 

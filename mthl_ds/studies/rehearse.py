@@ -38,6 +38,7 @@ def launch(recipe: str, run_dir: Path, overrides: list[str], ranks: int, precisi
     """``mthl-ds train`` on ``ranks`` ranks under the deepspeed launcher: GPUs where CUDA is, else CPU ranks (fp16
     there through ``--cpu-fp16``)."""
     import torch
+
     from mthl_ds.runtime.engine import launcher_free_env
     from mthl_ds.studies.launch import train_command
     cpu_fp16 = precision == "fp16" and not torch.cuda.is_available()
@@ -82,9 +83,10 @@ def rehearse(recipe_name: str, out: Path, ranks: int = 2, precision: str = "fp16
              batch_size: int = 1, overrides: tuple[str, ...] = (), dense: bool = True, progress=print) -> dict:
     """Run the rehearsal (module docstring) and return its figures; writes DIR/rehearsal.{json,md}."""
     import torch
-    from mthl_ds.studies.synth import write_real_size_shards
+
     from mthl_ds.artifacts.export import export_run, load_export
     from mthl_ds.studies.memory import capacity_at, plan_recipe, state_bytes
+    from mthl_ds.studies.synth import write_real_size_shards
     if precision not in PRECISION_CONFIGS:
         raise ConfigError(f"--precision {precision!r}: choose from {sorted(PRECISION_CONFIGS)}")
     out = out.resolve()

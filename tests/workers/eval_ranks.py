@@ -10,11 +10,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
+from mthl_ds.build import build_model  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
+from mthl_ds.evaluate import evaluate  # noqa: E402
 from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_sum, world  # noqa: E402
 from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed  # noqa: E402
-from mthl_ds.evaluate import evaluate  # noqa: E402
-from mthl_ds.build import build_model  # noqa: E402
 from mthl_ds.train import open_shards  # noqa: E402
 
 EVAL_OVERRIDES = ["train.ds_config=stage0_fp32.json"]

@@ -12,10 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
+from mthl_ds.artifacts.export import load_export  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
 from mthl_ds.runtime.collectives import world  # noqa: E402
 from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed  # noqa: E402
-from mthl_ds.artifacts.export import load_export  # noqa: E402
 from mthl_ds.train import Trainer  # noqa: E402
 
 SIZES = {"imagenet": (64, 64), "coco": (128, 128), "ade20k": (64, 64)}

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import demo_overrides  # noqa: E402
 
-from mthl_ds.runtime import cpu_half  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
+from mthl_ds.runtime import cpu_half  # noqa: E402
 from mthl_ds.runtime.collectives import all_gather_objects, barrier, world  # noqa: E402
 from mthl_ds.train import Trainer  # noqa: E402
 
@@ -115,9 +115,9 @@ def precision(shards: Path, out: Path) -> dict:
     """Inside an fp16 engine's forward: the router runs in float32, the MI loss and B(D, E) are float32; and the
     same tied tokens, in batches of other content on each rank, take the same routes on both ranks."""
     cpu_half.enable()
-    from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
     from mthl_ds.build import build_model
     from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+    from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
     init_distributed()
     rank, _ = world()
     recipe = load_recipe("demo", demo_overrides(shards, ds_config="zero2_fp16.json"))

@@ -11,11 +11,11 @@ from timm.optim import Lamb as TimmLamb
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_ranks import global_batch, global_name  # noqa: E402
 
+from mthl_ds.build import build_model  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
 from mthl_ds.runtime.collectives import world  # noqa: E402
 from mthl_ds.runtime.engine import (build_engine, ds_config, ep_rank, init_distributed, optimizer_groups,  # noqa: E402
-                            triangular_schedule)
-from mthl_ds.build import build_model  # noqa: E402
+                                    triangular_schedule)
 
 STEPS = 5
 RUNS = {"stage0": ("stage0_fp32.json", "ours"), "zero1": ("zero1_fp32.json", "ours"),

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.collectives import all_reduce_mean, world
 from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
-from mthl_ds.build import build_model
 
 EP_OVERRIDES = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.drop_tokens=false",
                 "model.moe.losses={}", "train.ds_config=stage0_fp32.json", "train.ep_size=2", "train.seed=7"]

@@ -14,10 +14,10 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from mthl_ds.studies.bench.common import side_by_side, timed
+from mthl_ds.data.convert import convert_world
 from mthl_ds.data.pipelines import PipelineConfig, make_decoder
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
-from mthl_ds.data.convert import convert_world
+from mthl_ds.studies.bench.common import side_by_side, timed
 from mthl_ds.studies.synth import write_real_size_shards, write_world
 
 

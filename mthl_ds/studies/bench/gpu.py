@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mthl_ds.studies.bench.common import side_by_side
-from mthl_ds.studies.bench.suite import fwd_bwd, matmul_peak, moe_mlp, row
 from mthl_ds.config import Recipe, load_recipe
 from mthl_ds.models.counting import count_flops
 from mthl_ds.runtime.device import pin_memory, to_device
+from mthl_ds.studies.bench.common import side_by_side
+from mthl_ds.studies.bench.suite import fwd_bwd, matmul_peak, moe_mlp, row
 from mthl_ds.tasks import fake_batch
 
 PAPER_BATCHES = {"imagenet": 64, "coco": 2, "ade20k": 2}
@@ -102,8 +102,8 @@ def trainer_step(trainer, name: str, steps: int = 2):
 
 def step_flops(recipe: Recipe, name: str, dtype: torch.dtype, device: torch.device) -> int:
     """FLOPs of one training forward + backward (torch's counter) of a plain copy of the recipe's model."""
-    from mthl_ds.studies.memory import cast_parameters
     from mthl_ds.build import build_model, training_loss
+    from mthl_ds.studies.memory import cast_parameters
     model = cast_parameters(build_model(recipe), dtype).to(device)  # buffers stay float32, as in the engine
     batch = to_device(fake_batch(recipe, name), device, dtype)
     model.set_dataset(name)
@@ -218,8 +218,8 @@ def overhead_rows(setup: Setup, precision: str) -> list[dict]:
     precision, fp32 weights, our LAMB on whole tensors) at the same batch."""
     import timm
 
-    from mthl_ds.studies.model_info import dense_twin
     from mthl_ds.runtime.optim import Lamb
+    from mthl_ds.studies.model_info import dense_twin
     dtype = PRECISIONS[precision]
     trainers = {stage: bench_trainer(dense_twin(bench_recipe(setup.recipe, precision, setup.folder, setup.batches,
                                                              stage)), setup.folder) for stage in (2, 1)}

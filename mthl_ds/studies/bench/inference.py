@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.geometry import input_shape
-from mthl_ds.build import build_model
 from mthl_ds.moe.layer import MoEMlp
 
 FILLED = MoEMlp.run_filled_slots

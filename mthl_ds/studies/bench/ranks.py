@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from mthl_ds.studies.bench.common import side_by_side
-from mthl_ds.tasks import fake_batch
+from mthl_ds.build import build_model, training_loss
 from mthl_ds.config import load_recipe
 from mthl_ds.runtime.collectives import all_gather, all_reduce_mean, world
-from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed
-from mthl_ds.runtime.engine import tensor_bytes
-from mthl_ds.build import build_model, training_loss
+from mthl_ds.runtime.engine import build_engine, ep_rank, init_distributed, tensor_bytes
+from mthl_ds.studies.bench.common import side_by_side
+from mthl_ds.tasks import fake_batch
 
 
 def demo_engine(*overrides: str):

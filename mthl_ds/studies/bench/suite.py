@@ -27,14 +27,14 @@ from typing import Callable
 import torch
 from timm.layers import Mlp
 
-from mthl_ds.studies.bench.common import side_by_side
 from mthl_ds.build import training_loss
 from mthl_ds.config import Recipe, load_recipe
 from mthl_ds.models.counting import count_flops
-from mthl_ds.runtime.engine import free_port, launcher_free_env
-from mthl_ds.studies.model_info import dense_twin
 from mthl_ds.moe.gate import PerDatasetGate
 from mthl_ds.moe.layer import MoEMlp
+from mthl_ds.runtime.engine import free_port, launcher_free_env
+from mthl_ds.studies.bench.common import side_by_side
+from mthl_ds.studies.model_info import dense_twin
 from mthl_ds.tasks import fake_batch
 
 COLUMNS = ["id", "benchmark", "candidate", "baseline", "ratio", "spread", "target", "met", "work"]
@@ -112,8 +112,8 @@ def train_step(model, recipe: Recipe, optimizer, name: str, batch: dict) -> Call
 
 
 def demo_rows(recipe: Recipe, repeats: int, peak: float) -> tuple[list[dict], dict]:
-    from mthl_ds.runtime.engine import optimizer_groups
     from mthl_ds.build import build_model
+    from mthl_ds.runtime.engine import optimizer_groups
     from mthl_ds.runtime.optim import Lamb
 
     models = {"MTHL": build_model(recipe), "MTHL.D": build_model(dense_twin(recipe))}
