@@ -18,6 +18,9 @@ class UsageError(ValueError):
     """Options that do not fit together; the message names them."""
 
 
+EXIT_SOME_INPUTS_FAILED = 1  # predict: some images could not be read; every other image has its result
+
+
 def cmd_recipes(args) -> int:
     for name in list_recipes():
         print(f"{name:<16} {load_recipe(name).description}")
@@ -95,13 +98,18 @@ def cmd_bench(args) -> int:
         rows = run(count=args.count, repeats=args.repeats)
         columns = ["benchmark", "candidate", "baseline", "ratio (throughput)", "target"]
     elif args.suite == "gpu":
+        import torch
+
         from mthl_ds.studies.bench.gpu import gpu_rows
         from mthl_ds.studies.bench.suite import COLUMNS
-        import torch
         if not torch.cuda.is_available():
             raise InputError("mthl-ds bench gpu needs a CUDA GPU; torch.cuda.is_available() is False here")
         rows = gpu_rows(repeats=args.repeats)
         columns = COLUMNS
+    elif args.suite == "large-image":
+        from mthl_ds.studies.bench.large_image import run
+        rows = run()
+        columns = ["benchmark", "candidate", "peak_rss_gb", "seconds"]
     elif args.suite == "integrity":
         from mthl_ds.studies.bench.integrity import run
         rows = run(repeats=args.repeats)
@@ -148,7 +156,12 @@ def cmd_predict(args) -> int:
                           device=args.device, precision=args.precision)
     print(f"{summary['images']} images in {summary['seconds']:.2f} s ({summary['images_per_s']:.1f} images/s); "
           f"results in {summary['out']}")
-    return 0
+    for failure in summary["failed"]:
+        print(f"mthl-ds predict: {failure['error']}", file=sys.stderr)
+    if summary["failed"]:
+        print(f"mthl-ds predict: {len(summary['failed'])} of {len(args.images)} images could not be read (error "
+              f"records in predictions.json); the others have results", file=sys.stderr)
+    return EXIT_SOME_INPUTS_FAILED if summary["failed"] else 0
 
 
 def cmd_export(args) -> int:
@@ -186,8 +199,8 @@ def shard_set(folder: Path, split: str):
 
 def cmd_stats(args) -> int:
     from mthl_ds.analysis import stats
-    from mthl_ds.runtime.device import resolve
     from mthl_ds.artifacts.export import load_model
+    from mthl_ds.runtime.device import resolve
     device = resolve(args.device)  # a device this machine lacks is refused before any work
     data = {name: shard_set(folder, args.split) for name, folder in args.data}
     pair = args.grad_cosine.split(",") if args.grad_cosine else []
@@ -373,9 +386,11 @@ def main(argv=None) -> int:
      help="replace an existing shard set (only once the new one is complete)")
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("suite", nargs="?", default="all", choices=["all", "data", "lamb", "gpu", "integrity"],
-                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity: one benchmark "
-                        "in detail (gpu: CUDA only; integrity: checksum, manifest and export-checksum costs)")
+    p.add_argument("suite", nargs="?", default="all",
+                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image"],
+                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity / large-image: "
+                        "one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and export-checksum "
+                        "costs; large-image: peak memory of predicting a 6000x4000 photo's segmentation)")
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
@@ -410,7 +425,8 @@ def main(argv=None) -> int:
     add_device_argument(p)
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("predict", help="predict on image files: top-5 (classification), boxes (detection), masks "
-                                       "(segmentation); JSON, drawings and overlays")
+                                       "(segmentation); JSON, drawings and overlays. An image that cannot be read "
+                                       "gets an error record, the others their results, and the exit code is 1")
     p.add_argument("model", type=Path, help="an export file, a run folder or RUN/checkpoints/TAG")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--dataset", required=True, help="which of the model's datasets (router and head) to use")

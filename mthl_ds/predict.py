@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -29,11 +30,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from mthl_ds.config import DatasetConfig
+from mthl_ds.data.images import read_rgb, to_rgb
 from mthl_ds.data.pipelines import eval_preprocess
-from mthl_ds.runtime.device import DeviceLike, resolve, to_device
 from mthl_ds.errors import InputError
 from mthl_ds.evaluate import dataset_pipeline
 from mthl_ds.models.mthl import MTHLModel
+from mthl_ds.runtime.device import DeviceLike, resolve, to_device
 from mthl_ds.tasks import task_spec
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -54,22 +56,39 @@ def autocast_dtype(precision: Optional[str], device: torch.device) -> Optional[t
 
 
 def open_image(item: ImageInput) -> Image.Image:
-    """An RGB image from a path, a PIL image or an HxWx3 uint8 array; a file that is not an image is refused."""
+    """An upright 8-bit RGB image from a path (read by :mod:`mthl_ds.data.images`: EXIF orientation applied,
+    every pixel mode converted by its meaning), a PIL image (converted the same way) or an HxWx3 uint8 array; an
+    unusable input raises :class:`InputError` naming it and what is wrong."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise InputError(f"an image array must be HxWx3 uint8, got {item.shape} {item.dtype}")
         return Image.fromarray(item)
-    path = Path(item)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as e:  # PIL raises several types for files that are not images
-        raise InputError(f"{path}: not an image ({type(e).__name__}: {e})") from None
+    if not isinstance(item, (str, Path)):
+        raise InputError(f"an image must be a path, a PIL image or an HxWx3 uint8 array, got {type(item).__name__}")
+    return read_rgb(item)
+
+
+def error_record(item: ImageInput, error: Exception) -> dict:
+    """What a result list holds for an input that could not be used (``errors="skip"``)."""
+    name = str(item) if isinstance(item, (str, Path)) else type(item).__name__
+    return {"file": name, "error": str(error)}
+
+
+def open_all(images: Sequence[ImageInput], errors: str) -> list[Union[Image.Image, dict]]:
+    """Every input opened before any model work: an image, or with ``errors="skip"`` an error record."""
+    if errors not in ("raise", "skip"):
+        raise InputError(f"errors={errors!r}: use 'raise' (the first unusable image raises) or 'skip'")
+    opened = []
+    for item in images:
+        try:
+            opened.append(open_image(item))
+        except InputError as e:
+            if errors == "raise":
+                raise
+            opened.append(error_record(item, e))
+    return opened
 
 
 class Predictor:
@@ -102,12 +121,14 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], dataset: str, batch_size: int = 8,
-                precision: Optional[str] = None) -> list[dict]:
+                precision: Optional[str] = None, errors: str = "raise") -> list[dict]:
         """Results per image (module docstring), ``batch_size`` images per forward. ``precision``: this call's,
-        instead of the predictor's."""
+        instead of the predictor's. ``errors``: ``"raise"`` raises :class:`InputError` on the first unusable
+        input, before any model work; ``"skip"`` puts ``{"file", "error"}`` in its place and predicts the rest."""
         info = self.check_dataset(dataset)
         dtype = self.autocast if precision is None else autocast_dtype(precision, self.device)
-        opened = [open_image(i) for i in images]  # every input checked before any work
+        inputs = open_all(images, errors)
+        opened = [i for i in inputs if isinstance(i, Image.Image)]
         cfg = dataset_pipeline(DatasetConfig(info["task"], num_classes=info["num_classes"], size=tuple(info["size"])))
         preprocess = eval_preprocess(cfg)
         spec = task_spec(info["task"])
@@ -127,7 +148,8 @@ class Predictor:
             output = spec.output_to_cpu(head.predict(output, batch))  # float32, outside autocast
             results += [spec.prediction(out, info.get("classes")) for out in
                         (output if isinstance(output, list) else list(output))]
-        return results
+        found = iter(results)
+        return [next(found) if isinstance(i, Image.Image) else i for i in inputs]
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -147,37 +169,56 @@ def draw_boxes(img: Image.Image, result: dict, threshold: float) -> Image.Image:
 
 
 def overlay(img: Image.Image, mask: np.ndarray, num_classes: int) -> Image.Image:
-    colours = palette(num_classes)[mask]
-    return Image.fromarray((0.5 * np.asarray(img) + 0.5 * colours).astype(np.uint8))
+    """The image half-blended with each pixel's class colour, in 8 bits (a float copy of a 24-megapixel photo
+    would take GBs)."""
+    return Image.blend(img, Image.fromarray(palette(num_classes)[mask]), 0.5)
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """A unique output name per input: its path relative to the inputs' common folder, file extension kept
+    (``dup/chelsea.png`` and ``chelsea.jpg`` stay apart); one file given twice gets one name."""
+    resolved = [Path(p).resolve() for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path(".")
+    return [p.relative_to(root).as_posix() for p in resolved]
 
 
 def run_predict(model_path: Path, dataset: str, images: Sequence[Path], out: Path, batch_size: int = 8,
                 draw_threshold: float = 0.3, device: DeviceLike = None, precision: Optional[str] = None) -> dict:
     """``mthl-ds predict``: JSON of every result, and for detection the boxes drawn, for segmentation each mask
-    (PNG, original size, class indices) and an overlay. Returns a summary with images/s. ``device`` and
-    ``precision``: as :meth:`Predictor.load`."""
+    (PNG, original size, class indices) and an overlay, named after each input's path below the inputs' common
+    folder (``NAME.mask.png``, ``NAME.overlay.jpg``, ``NAME.boxes.jpg``). An input that cannot be read gets an
+    error record (file, reason) and the others still get results; the summary lists the failures. Returns a
+    summary with images/s. ``device`` and ``precision``: as :meth:`Predictor.load`."""
     predictor = Predictor.load(model_path, device, precision)
     info = predictor.check_dataset(dataset)
-    opened = [open_image(p) for p in images]
+    inputs = open_all(images, "skip")
     start = time.perf_counter()
-    results = predictor.predict(opened, dataset, batch_size)
+    results = predictor.predict([i for i in inputs if isinstance(i, Image.Image)], dataset, batch_size)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, (path, img, result) in enumerate(zip(images, opened, results), start=1):
-        stem = Path(path).stem
+    records, found = [], iter(results)
+    for index, (path, name, img) in enumerate(zip(images, output_names(images), inputs), start=1):
+        if not isinstance(img, Image.Image):
+            records.append({"image_id": index, **img})
+            continue
+        result = next(found)
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if info["task"] == "segmentation":
-            Image.fromarray(result.pop("mask")).save(out / f"{stem}_mask.png")
-            overlay(img, np.asarray(Image.open(out / f"{stem}_mask.png")), info["num_classes"]).save(
-                out / f"{stem}_overlay.jpg")
-            result = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.jpg"}
+            mask = result.pop("mask")
+            Image.fromarray(mask).save(f"{target}.mask.png")
+            overlay(img, mask, info["num_classes"]).save(f"{target}.overlay.jpg")
+            result = {"mask": f"{name}.mask.png", "overlay": f"{name}.overlay.jpg", "size": [img.width, img.height]}
         elif info["task"] == "detection":
-            draw_boxes(img, result, draw_threshold).save(out / f"{stem}_boxes.jpg")
+            draw_boxes(img, result, draw_threshold).save(f"{target}.boxes.jpg")
+            result = {**result, "drawing": f"{name}.boxes.jpg"}
         records.append({"image_id": index, "file": str(path), **result})
     (out / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
     if info["task"] == "detection":  # COCO results format, image ids as in predictions.json
         coco = [{"image_id": r["image_id"], "category_id": c, "bbox": b, "score": round(s, 5)}
-                for r in records for b, s, c in zip(r["boxes"], r["scores"], r["category_ids"])]
+                for r in records if "error" not in r
+                for b, s, c in zip(r["boxes"], r["scores"], r["category_ids"])]
         (out / "detections.json").write_text(json.dumps(coco) + "\n")
-    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / max(seconds, 1e-9),
-            "out": str(out), "device": str(predictor.device)}
+    failed = [r for r in records if "error" in r]
+    return {"images": len(results), "failed": failed, "seconds": seconds,
+            "images_per_s": len(results) / max(seconds, 1e-9), "out": str(out), "device": str(predictor.device)}

@@ -41,3 +41,16 @@ def test_inference_bench_prints_batch_dependence_per_dispatch_choice(capsys):
     assert [line.split()[1] for line in lines] == ["drop", "filled", "batched"]
     for line in lines[1:]:  # no route dropped: the image's output does not depend on its batch
         assert float(line.split("in batch| ")[1].split()[0]) < 1e-5, line
+
+
+def test_large_image_bench_measures_each_candidate_in_its_own_process():
+    """On a small photo: the floor, the banded and the whole-image resize each report a fresh process's peak
+    (above what importing torch takes) and a time; a photo whose resized logits would not fit is not run, and
+    says why."""
+    from mthl_ds.studies.bench.large_image import machine_memory, run, too_large
+    rows = run(classes=(4,), size=(300, 200))
+    assert [r["candidate"] for r in rows] == ["floor", "banded", "whole image"]
+    assert all(0.1 < r["peak_rss_gb"] < 8 and r["seconds"] > 0 for r in rows), rows
+    assert too_large(4, (300, 200)) is None
+    side = int(math.sqrt(machine_memory() / 16)) + 1  # 4 classes x side^2 float32 values: the whole memory
+    assert "not run: its resized logits alone take" in too_large(4, (side, side))

@@ -181,7 +181,7 @@ def test_predict_batch_size_precision_and_draw_threshold(tmp_path):
                      "--out", str(out)]) == 0
         records = json.loads((out / "predictions.json").read_text())
         assert len(records[0]["scores"]) == 100 and 0.9 < min(records[0]["scores"]) < 0.99
-        drawn[threshold] = np.asarray(Image.open(out / "img0_boxes.jpg"))
+        drawn[threshold] = np.asarray(Image.open(out / "img0.png.boxes.jpg"))
     plain = io.BytesIO()
     Image.open(images[0]).convert("RGB").save(plain, format="JPEG")
     assert np.array_equal(drawn["0.99"], np.asarray(Image.open(plain)))  # no box scores 0.99: nothing drawn

@@ -152,3 +152,15 @@ def test_predict_in_bf16_on_cuda_is_close_to_fp32(models):
                 assert (a["mask"] == b["mask"]).mean() >= 0.98
             else:
                 assert sorted(b["scores"]) == pytest.approx(sorted(a["scores"]), abs=1e-3)
+
+
+def test_banded_segmentation_resize_gives_the_whole_image_labels_on_the_device():
+    """The banded resize and arg-max on CUDA: the labels of CUDA's own whole-image bilinear resize, and of the
+    CPU's (float32 on both; a label could differ only where two classes tie within rounding)."""
+    from mthl_ds.models.heads import resized_argmax
+    logits = torch.randn(150, 128, 96, generator=torch.Generator().manual_seed(0))
+    whole = torch.nn.functional.interpolate(logits[None].to(DEVICE), size=(1000, 750), mode="bilinear",
+                                            align_corners=False)[0].argmax(0)
+    banded = resized_argmax(logits.to(DEVICE), (1000, 750), max_elements=150 * 750 * 7)
+    assert banded.device.type == DEVICE and torch.equal(banded, whole)
+    assert (banded.cpu() == resized_argmax(logits, (1000, 750))).float().mean() > 0.9999

@@ -269,7 +269,7 @@ def test_bad_boxes_are_dropped_and_counted(tmp_path, caplog):
         index = convert("coco", tmp_path / "out", split="x", images=images, annotations=tmp_path / "instances.json")
     assert index["dropped_boxes"] == 2
     assert "annotation 2 of image 1" in caplog.text and "annotation 3 of image 1" in caplog.text
-    meta = json.loads(dict(all_samples(tmp_path / "out"))["1"]["json"])
+    meta = json.loads(dict(all_samples(tmp_path / "out"))["000000000001"]["json"])
     assert meta["ann_ids"] == [1]
 
 

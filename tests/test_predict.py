@@ -1,4 +1,5 @@
 """Batch-independent inference, `mthl-ds evaluate` and `mthl-ds predict` / `mthl_ds.load` on exported models."""
+import io
 import json
 import subprocess
 import sys
@@ -6,17 +7,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import demo_overrides
+from PIL import Image
 from workers.eval_ranks import prepare
 
-from mthl_ds.studies.bench.inference import flat_outputs
-from mthl_ds.config import load_recipe
-from mthl_ds.runtime.engine import launcher_free_env
-from mthl_ds.errors import InputError
 from mthl_ds.artifacts.export import save_export
 from mthl_ds.build import build_model
+from mthl_ds.config import load_recipe
+from mthl_ds.errors import InputError
+from mthl_ds.runtime.engine import launcher_free_env
+from mthl_ds.studies.bench.inference import flat_outputs
 
 
 @pytest.mark.parametrize("eval_drop_tokens", [False, True])
@@ -108,8 +108,8 @@ def test_predict_api_and_command_for_every_head(trained, tmp_path):
         assert [c["score"] for c in together["top5"]] == pytest.approx([c["score"] for c in alone["top5"]], abs=1e-5)
     masks = model.predict([np.asarray(Image.open(p).convert("RGB")) for p in images], dataset="ade20k")
     assert [m["mask"].shape for m in masks] == [(128, 96), (120, 160)]  # the original sizes
-    for name, files in (("imagenet", []), ("coco", ["img0_boxes.jpg", "detections.json"]),
-                        ("ade20k", ["img0_mask.png", "img1_overlay.jpg"])):
+    for name, files in (("imagenet", []), ("coco", ["img0.jpg.boxes.jpg", "detections.json"]),
+                        ("ade20k", ["img0.jpg.mask.png", "img1.png.overlay.jpg"])):
         out = tmp_path / name
         proc = cli(["predict", str(trained / "model.safetensors"), *map(str, images), "--dataset", name, "--out",
                     str(out), "--device", "cpu"])
@@ -123,15 +123,11 @@ def test_predict_api_and_command_for_every_head(trained, tmp_path):
                 [c["score"] for t in top for c in t["top5"]], abs=1e-6)
         for f in files:
             assert (out / f).is_file(), f
-    mask = np.asarray(Image.open(tmp_path / "ade20k" / "img1_mask.png"))
+    mask = np.asarray(Image.open(tmp_path / "ade20k" / "img1.png.mask.png"))
     assert mask.shape == (120, 160) and mask.max() < 4
     detections = json.loads((tmp_path / "coco" / "detections.json").read_text())
     assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)
     assert all(d["category_id"] in (1, 3, 7) for d in detections)  # the synthetic COCO's sparse ids
-    (tmp_path / "notes.jpg").write_text("not an image")
-    bad = cli(["predict", str(trained / "model.safetensors"), str(tmp_path / "notes.jpg"), "--dataset", "coco",
-               "--out", str(tmp_path / "bad")], expect=2)
-    assert "notes.jpg: not an image" in bad.stderr and not (tmp_path / "bad").exists()
     bad = cli(["predict", str(trained / "model.safetensors"), str(images[0]), "--dataset", "voc", "--out",
                str(tmp_path / "bad")], expect=2)
     assert "unknown dataset 'voc'" in bad.stderr
@@ -203,3 +199,80 @@ def test_a_device_the_machine_lacks_is_refused_before_any_work(random_export, sh
         assert main([*args, "--out", str(tmp_path / command), "--device", "cpu"]) == 0, command
     assert json.loads((tmp_path / "evaluate" / "eval_metrics.json").read_text())["device"] == "cpu"
     assert json.loads((tmp_path / "stats" / "routing_stats.json").read_text())["images"] == {"imagenet": 4}
+
+
+# ------------------------------------------------------------------------------------------ real-world files
+
+def awkward_folder(folder):
+    """What a user's folder holds: a photo and a PNG of the same name in a subfolder, a phone photo stored
+    sideways (400x600 ... here 40x60, EXIF orientation 6: shown 60x40), a 16-bit PNG, a CMYK JPEG, and a
+    truncated JPEG."""
+    rng = np.random.default_rng(3)
+    (folder / "dup").mkdir(parents=True)
+    picture = Image.fromarray(rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8))
+    picture.save(folder / "chelsea.jpg")
+    picture.resize((40, 30)).save(folder / "dup" / "chelsea.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 255, size=(60, 40, 3), dtype=np.uint8)).save(folder / "phone.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 65535, size=(36, 52), dtype=np.uint16)).save(folder / "deep.png")
+    picture.convert("CMYK").save(folder / "print.jpg")
+    whole = io.BytesIO()
+    picture.resize((300, 300)).save(whole, format="JPEG")
+    (folder / "cut.jpg").write_bytes(whole.getvalue()[:2000])
+    return [folder / n for n in ("chelsea.jpg", "dup/chelsea.png", "phone.jpg", "deep.png", "print.jpg", "cut.jpg")]
+
+
+def test_predict_on_a_folder_with_a_bad_file_keeps_going(random_export, tmp_path, capsys):
+    """The command gives every readable image its result, named after its path (no two outputs collide), in the
+    displayed frame (the phone photo's mask is 40 high and 60 wide, its drawing 60x40); the truncated file
+    gets an error record, is named on stderr, and the exit code is 1."""
+    from mthl_ds.cli import main
+    images = awkward_folder(tmp_path / "photos")
+    sizes = {"chelsea.jpg": (64, 48), "dup/chelsea.png": (40, 30), "phone.jpg": (60, 40), "deep.png": (52, 36),
+             "print.jpg": (64, 48)}
+    for dataset in ("ade20k", "coco"):
+        out = tmp_path / dataset
+        assert main(["predict", str(random_export), *map(str, images), "--dataset", dataset, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{images[-1]}: does not decode as an image (image file is truncated" in err
+        assert "1 of 6 images could not be read" in err
+        records = json.loads((out / "predictions.json").read_text())
+        assert [r["file"] for r in records] == list(map(str, images))
+        assert set(records[-1]) == {"image_id", "file", "error"} and "truncated" in records[-1]["error"]
+        for record, (name, (width, height)) in zip(records, sizes.items()):
+            if dataset == "ade20k":
+                assert record["mask"] == f"{name}.mask.png" and record["size"] == [width, height]
+                assert np.asarray(Image.open(out / record["mask"])).shape == (height, width), name
+                assert (out / f"{name}.overlay.jpg").is_file()
+            else:
+                assert record["drawing"] == f"{name}.boxes.jpg" and Image.open(out / record["drawing"]).size == (
+                    width, height)
+                boxes = np.asarray(record["boxes"]).reshape(-1, 4)
+                assert (boxes[:, 0] + boxes[:, 2] <= width + 1e-3).all()
+                assert (boxes[:, 1] + boxes[:, 3] <= height + 1e-3).all(), name
+        if dataset == "coco":  # COCO results: none for the unreadable image (id 6)
+            assert {r["image_id"] for r in json.loads((out / "detections.json").read_text())} <= set(range(1, 6))
+
+
+def test_the_api_raises_on_a_bad_file_or_skips_it(random_export, tmp_path):
+    import mthl_ds
+    images = awkward_folder(tmp_path / "photos")
+    model = mthl_ds.load(random_export, device="cpu")
+    with pytest.raises(InputError, match="cut.jpg: does not decode as an image"):
+        model.predict(images, "ade20k")
+    with pytest.raises(InputError, match="gone.jpg: file not found"):
+        model.predict([tmp_path / "gone.jpg"], "ade20k")
+    skipped = model.predict(images, "ade20k", errors="skip")
+    assert set(skipped[-1]) == {"file", "error"} and skipped[-1]["file"] == str(images[-1])
+    assert "truncated" in skipped[-1]["error"]
+    for a, b in zip(skipped[:-1], model.predict(images[:-1], "ade20k")):
+        assert np.array_equal(a["mask"], b["mask"])
+    assert skipped[2]["mask"].shape == (40, 60)  # the phone photo, upright
+    model.model.heads["coco"].score_thresh = 0.0  # an untrained detector: keep every box
+    boxes = np.asarray(model.predict(images[2:3], "coco")[0]["boxes"])  # x, y, w, h in the upright 60x40 frame
+    assert len(boxes) and (boxes[:, 0] + boxes[:, 2] <= 60 + 1e-3).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= 40 + 1e-3).all()
+    assert (boxes[:, 0] + boxes[:, 2] > 41).any()  # past the stored width: not the sideways frame
+    with pytest.raises(InputError, match="errors='ignore'"):
+        model.predict(images, "ade20k", errors="ignore")

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from mthl_ds.data.shards import IMAGE_EXTS, MaskLabels, Sample, ShardError, safe_key
+from mthl_ds.data.shards import IMAGE_EXTS, MaskLabels, Sample, ShardError, id_key, path_key, safe_key
 
 log = logging.getLogger("mthl_ds.shards")
 
@@ -59,7 +59,7 @@ def imagefolder_samples(root: Path) -> tuple[list[Sample], list[str]]:
     samples = []
     for path, label in folder.samples:
         rel = Path(path).relative_to(root)
-        samples.append(Sample(safe_key("_".join(rel.with_suffix("").parts)), Path(path),
+        samples.append(Sample(path_key(rel), Path(path),
                               {"class_id": label, "file": rel.as_posix()}))
     return samples, list(folder.classes)
 
@@ -77,7 +77,7 @@ def pets_samples(root: Path, split: str) -> tuple[list[Sample], list[str], int]:
     if root.name != "oxford-iiit-pet":
         raise ShardError(f"{root}: expected the oxford-iiit-pet folder (holding images/ and annotations/)")
     pets = torchvision_listing(OxfordIIITPet, str(root), str(root.parent), split=PET_SPLITS[split])
-    samples = [Sample(safe_key(p.stem), p, {"class_id": label, "file": p.name})
+    samples = [Sample(path_key(p.name), p, {"class_id": label, "file": p.name})
                for p, label in zip(pets._images, pets._labels)]
     samples, missing = present(samples, "pets")
     return samples, list(pets.classes), missing
@@ -113,7 +113,7 @@ def cub_samples(root: Path, split: str) -> tuple[list[Sample], list[str], int]:
         if not 0 <= label < len(classes):
             raise ShardError(f"{root / 'image_class_labels.txt'}: image {image_id} has class {label + 1}, "
                              f"not in classes.txt (1-{len(classes)})")
-        samples.append(Sample(safe_key(Path(rel).stem), root / "images" / rel,
+        samples.append(Sample(id_key(image_id), root / "images" / rel,
                               {"class_id": label, "file": rel, "image_id": image_id}))
     samples, missing = present(samples, "cub")
     return samples, classes, missing
@@ -129,7 +129,7 @@ def cars_samples(root: Path, split: str) -> tuple[list[Sample], list[str], int]:
     if root.name != "stanford_cars":
         raise ShardError(f"{root}: expected the stanford_cars folder (holding devkit/, cars_train/, cars_test/)")
     cars = torchvision_listing(StanfordCars, str(root), str(root.parent), split="train" if split == "train" else "test")
-    samples = [Sample(safe_key(Path(path).stem), Path(path), {"class_id": int(label), "file": Path(path).name})
+    samples = [Sample(path_key(Path(path).name), Path(path), {"class_id": int(label), "file": Path(path).name})
                for path, label in cars._samples]
     samples, missing = present(samples, "cars")
     return samples, [str(c) for c in cars.classes], missing
@@ -171,7 +171,7 @@ def places365_samples(root: Path, split: str, small: bool = False) -> tuple[list
         if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) not in index:
             raise ShardError(f"{listing}:{n}: expected '<image> <category index>', got {line!r}")
         rel = parts[0].lstrip("/")
-        samples.append(Sample(safe_key(rel.replace("/", "_").rsplit(".", 1)[0]), images / rel,
+        samples.append(Sample(path_key(rel), images / rel,
                               {"class_id": position[int(parts[1])], "file": rel}))
     samples, missing = present(samples, "places365")
     return samples, classes, missing
@@ -198,7 +198,7 @@ def inat2018_samples(root: Path, split: str) -> tuple[list[Sample], list[str], i
     for img in images:
         if img["id"] not in category_of or category_of[img["id"]] not in label_of:
             raise ShardError(f"{path}: image {img['id']} ({img['file_name']}) has no annotation with a known category")
-        samples.append(Sample(safe_key(Path(img["file_name"]).stem), root / img["file_name"],
+        samples.append(Sample(id_key(img["id"]), root / img["file_name"],
                               {"class_id": label_of[category_of[img["id"]]], "category_id": category_of[img["id"]],
                                "image_id": img["id"], "file": img["file_name"]}))
     samples, missing = present(samples, "inat2018")
@@ -219,6 +219,7 @@ def voc_samples(root: Path, year: str, split: str) -> tuple[list[Sample], list[d
                               image_set=split)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(VOC_CLASSES)]
     label_of = {n: i for i, n in enumerate(VOC_CLASSES)}
+    jpegs = root / "VOCdevkit" / f"VOC{year}" / "JPEGImages"
     samples, dropped = [], {"bad_box": 0, "unknown_class": 0, "missing": 0}
     for number, (image, xml) in enumerate(zip(voc.images, voc.annotations), 1):
         image, xml = Path(image), Path(xml)
@@ -257,7 +258,7 @@ def voc_samples(root: Path, year: str, split: str) -> tuple[list[Sample], list[d
         meta = {"image_id": number, "file_name": image.name, "boxes": boxes, "category_ids": cats, "labels": labels,
                 "iscrowd": difficult, "difficult": difficult, "areas": [w * h for _, _, w, h in boxes],
                 "ann_ids": [number * 1000 + i for i in range(len(boxes))]}
-        samples.append(Sample(safe_key(image.stem), image, meta))
+        samples.append(Sample(path_key(image.relative_to(jpegs)), image, meta))  # the id of ImageSets/Main
     return samples, categories, dropped
 
 
@@ -309,7 +310,7 @@ def nyu_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
         mask = masks / f"{f.stem}.png"
         if not mask.is_file():
             raise ShardError(f"{f}: its mask {mask} is missing")
-        samples.append(Sample(safe_key(f.stem), f, {"file": f.name, **labels.meta()}, mask=mask))
+        samples.append(Sample(path_key(f.name), f, {"file": f.name, **labels.meta()}, mask=mask))
     return samples, list(NYU40_CLASSES)
 
 
@@ -342,6 +343,6 @@ def masks_samples(images: Path, masks: Path, *, ignore_index: int = 255,
         mask = masks / rel.with_suffix(".png")
         if not mask.is_file():
             raise ShardError(f"{f}: its mask {mask} is missing")
-        samples.append(Sample(safe_key("_".join(rel.with_suffix("").parts)), f,
+        samples.append(Sample(path_key(rel), f,
                               {"file": rel.as_posix(), **labels.meta()}, mask=mask, mask_lut=lut))
     return samples

@@ -19,9 +19,10 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
+from mthl_ds import geometry
+from mthl_ds.data.images import rgb_from_bytes
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
 from mthl_ds.data.shards import MaskLabels
-from mthl_ds import geometry
 from mthl_ds.geometry import IGNORE_INDEX, padded
 
 MEAN = torch.tensor(geometry.MEAN).view(3, 1, 1)
@@ -40,19 +41,20 @@ class PipelineConfig:
     original: bool = False  # segmentation eval: also the original mask, for scoring at the original resolution
 
 
-def image_bytes(sample: dict) -> bytes:
+def image_bytes(sample: dict, png_is_mask: bool = False) -> bytes:
+    """A sample's image member: ``jpg``, or a PNG image, stored as ``img.png`` in segmentation (whose ``png`` is
+    the mask: ``png_is_mask``) and as ``png`` in classification and detection."""
     for ext in ("jpg", "jpeg", "img.png"):
         if ext in sample:
             return sample[ext]
-    if "png" in sample and "cls" in sample:
+    if "png" in sample and not png_is_mask:
         return sample["png"]
     raise KeyError(f"sample {sample.get('__key__')} has no image member (has {sorted(sample)})")
 
 
-def open_rgb(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
+def open_rgb(sample: dict, png_is_mask: bool = False) -> Image.Image:
+    """A sample's image as the converters saw it: upright, 8-bit RGB (:mod:`mthl_ds.data.images`)."""
+    return rgb_from_bytes(image_bytes(sample, png_is_mask), sample.get("__key__", "image"))
 
 
 def to_normalized(img: Image.Image) -> torch.Tensor:
@@ -95,7 +97,7 @@ def classification_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     out_h, out_w = cfg.size
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
-        img = open_rgb(image_bytes(sample))
+        img = open_rgb(sample)
         if not train:
             return {"image": preprocess(img)[0], "label": int(sample["cls"])}
         left, top, w, h = random_resized_crop(rng, img.width, img.height, cfg.crop_scale)
@@ -137,7 +139,7 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
         meta = json.loads(sample["json"])
         if train and not meta["boxes"]:
             return None  # mmdet's filter_empty_gt: an image without annotations is not trained on
-        img = open_rgb(image_bytes(sample))
+        img = open_rgb(sample)
         boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor(meta["labels"], dtype=torch.long)
@@ -171,7 +173,7 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     preprocess = eval_preprocess(cfg)
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
-        img = open_rgb(image_bytes(sample))
+        img = open_rgb(sample, png_is_mask=True)
         mask_img = Image.open(io.BytesIO(sample["png"]))
         mask_img.load()
         if train:

@@ -23,12 +23,14 @@ import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Sequence
+from pathlib import Path, PurePath
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from mthl_ds.data.images import ImageReadError, displayed_size, read_bytes
 
 log = logging.getLogger("mthl_ds.shards")
 INDEX = "index.json"
@@ -51,13 +53,6 @@ class Sample:
 
 def image_ext(data: bytes) -> str:
     return "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpg"
-
-
-def check_image(data: bytes) -> tuple[int, int]:
-    """Fully decode an image (a truncated JPEG fails here); returns (width, height)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.size
 
 
 @dataclass(frozen=True)
@@ -115,13 +110,11 @@ def tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def encode_sample(task: str, sample: Sample, num_classes: int) -> dict[str, bytes]:
     """Read and check one sample; returns its tar members by extension. Raises ShardError when unusable."""
-    try:
-        data = sample.image.read_bytes()
-        width, height = check_image(data)
-    except ShardError:
-        raise
-    except Exception as e:  # PIL raises several types for broken files
-        raise ShardError(f"{sample.image}: image does not decode ({e})") from None
+    try:  # the stored bytes are the file's; readers apply its orientation (data.images), so its size is upright
+        data = read_bytes(sample.image)
+        width, height = displayed_size(data, sample.image)
+    except ImageReadError as e:
+        raise ShardError(str(e)) from None
     members = {image_ext(data): data}
     meta = dict(sample.meta)
     if task == "classification":
@@ -173,6 +166,7 @@ def write_shard_set(task: str, samples: Sequence[Sample], out: Path, shard_size:
         raise ShardError(f"no samples found for {dataset} {split}: nothing to write to {out}")
     if shard_size < 1:
         raise ShardError(f"shard size {shard_size} must be >= 1")
+    check_keys(samples)
     if out.exists() and any(out.iterdir()) and not force:
         raise ShardError(f"{out} already holds files; pass --force to replace it")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -215,6 +209,27 @@ def write_shard_set(task: str, samples: Sequence[Sample], out: Path, shard_size:
 def safe_key(stem: str) -> str:
     """WebDataset splits keys at the first dot."""
     return stem.replace(".", "_")
+
+
+def path_key(rel: Union[str, PurePath]) -> str:
+    """A sample key from an image's path relative to its dataset's image folder: its folders and stem joined by
+    ``_``, so files of one stem in different folders get different keys."""
+    return safe_key("_".join(PurePath(rel).with_suffix("").parts))
+
+
+def id_key(image_id) -> str:
+    """A sample key from an image id of an annotation file (COCO, iNaturalist, CUB): unique where the ids are."""
+    return f"{image_id:012d}" if isinstance(image_id, int) and image_id >= 0 else safe_key(str(image_id))
+
+
+def check_keys(samples: Sequence[Sample]) -> None:
+    """Refuse two samples with one key before anything is written: the reader would yield only one of them."""
+    first: dict[str, Sample] = {}
+    for sample in samples:
+        other = first.setdefault(sample.key, sample)
+        if other is not sample:
+            raise ShardError(f"{other.image} and {sample.image} would both be stored as sample {sample.key!r}; "
+                             "rename one of them (keys come from the image id or the path within the dataset)")
 
 
 # ----------------------------------------------------------------------------------------------- ImageNet
@@ -271,7 +286,7 @@ def imagenet_samples(root: Path, split: str, labels: Optional[Path] = None) -> t
                 raise ShardError(f"{d}: class folder {d.name!r} is not in the class list ({len(classes)} classes)")
             for f in sorted(d.iterdir()):
                 if f.suffix.lower() in IMAGE_EXTS:
-                    samples.append(Sample(safe_key(f.stem), f, {"class_id": index[d.name], "wnid": d.name,
+                    samples.append(Sample(path_key(f.name), f, {"class_id": index[d.name], "wnid": d.name,
                                                                 "file": f"{d.name}/{f.name}"}))
     else:  # flat val layout + label file
         labels = labels or root / "LOC_val_solution.csv"
@@ -286,7 +301,7 @@ def imagenet_samples(root: Path, split: str, labels: Optional[Path] = None) -> t
             wnid = table[f.stem]
             if wnid not in index:
                 raise ShardError(f"{labels}: label {wnid!r} of {f.name} is not in the class list")
-            samples.append(Sample(safe_key(f.stem), f, {"class_id": index[wnid], "wnid": wnid, "file": f.name}))
+            samples.append(Sample(path_key(f.name), f, {"class_id": index[wnid], "wnid": wnid, "file": f.name}))
     return samples, classes
 
 
@@ -326,7 +341,7 @@ def coco_samples(images: Path, annotations: Path) -> tuple[list[Sample], list[di
             ids.append(ann["id"])
         meta = {"image_id": img["id"], "file_name": img["file_name"], "boxes": boxes, "category_ids": cats,
                 "labels": labels, "iscrowd": crowd, "areas": areas, "ann_ids": ids}
-        samples.append(Sample(safe_key(Path(img["file_name"]).stem), images / img["file_name"], meta))
+        samples.append(Sample(id_key(img["id"]), images / img["file_name"], meta))
     return samples, categories, dropped
 
 
@@ -358,5 +373,5 @@ def ade20k_samples(root: Path, split: str) -> tuple[list[Sample], list[str]]:
         mask = masks / f"{f.stem}.png"
         if not mask.is_file():
             raise ShardError(f"{f}: its mask {mask} is missing")
-        samples.append(Sample(safe_key(f.stem), f, {"file": f.name, **ADE20K_LABELS.meta()}, mask=mask))
+        samples.append(Sample(path_key(f.name), f, {"file": f.name, **ADE20K_LABELS.meta()}, mask=mask))
     return samples, ade20k_classes(root)

@@ -14,11 +14,13 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from mthl_ds.config import MoEConfig
+from mthl_ds.geometry import STRIDE
 from mthl_ds.models.pretrained import load_dense_checkpoint
 from mthl_ds.moe.attention import MoEAttention
 from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
@@ -156,6 +158,7 @@ class MoEBackbone(nn.Module):
         self.moe_layers = list(moe_layers)  # also registered inside self.net; this is a view for iteration
         self.attention_layers = list(attention_layers)  # the same: Mod-Squad MoE attention, if any
         self.pyramid = SimplePyramid(net.embed_dim, len(net.blocks)) if is_vit(net) else None
+        self.min_side = swin_min_side(net)
         self.stage_channels = [net.embed_dim] * 4 if self.pyramid else [info["num_chs"] for info in net.feature_info]
 
     @property
@@ -171,6 +174,8 @@ class MoEBackbone(nn.Module):
         if self.context.dataset is None:
             raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
         self.context.forward_id += 1
+        if self.min_side is not None:
+            x = pad_to_canvas(x, self.min_side)
         if self.pyramid is None:
             return self.net.forward_intermediates(x, intermediates_only=True)
         return self.pyramid(self.net.forward_intermediates(x, indices=self.pyramid.blocks, intermediates_only=True))
@@ -228,6 +233,25 @@ class MoEBackbone(nn.Module):
         for gate, row in zip(gates, flat.split([u.numel() for u in usage])):
             gate.fold_usage(row, gate.pending_usage[0], applied)
             gate.pending_usage = None
+
+
+def swin_min_side(net: nn.Module) -> Optional[int]:
+    """For a timm Swin, the smallest side its last stage takes (a whole window there, :mod:`mthl_ds.geometry`);
+    None for the other backbones, which take any size."""
+    if not hasattr(net, "layers") or type(net).__name__ != "SwinTransformer":
+        return None
+    return STRIDE * min(net.layers[-1].blocks[0].window_size)
+
+
+def pad_to_canvas(x: Tensor, min_side: int) -> Tensor:
+    """``x`` padded at the bottom and right with zeros (the mean colour once normalised) to sides that are
+    multiples of the total stride and at least ``min_side``: the canvas the pipelines make (800 x 1333 ->
+    800 x 1344), so that any input size runs, as mmdet's Swin takes any size."""
+    height, width = x.shape[-2:]
+    side = lambda s: max(min_side, -(-s // STRIDE) * STRIDE)  # noqa: E731
+    if (side(height), side(width)) == (height, width):
+        return x
+    return F.pad(x, (0, side(width) - width, 0, side(height) - height))
 
 
 def is_vit(net: nn.Module) -> bool:

@@ -24,8 +24,8 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-from mthl_ds.runtime.collectives import distributed, sum_over_ranks, world
 from mthl_ds.geometry import IGNORE_INDEX
+from mthl_ds.runtime.collectives import distributed, sum_over_ranks, world
 
 
 class ClassificationHead(nn.Module):
@@ -257,8 +257,43 @@ class UperNetSegmentationHead(nn.Module):
         masks = []
         for image_logits, scale, (h, w) in zip(logits, batch["scale"].tolist(), batch["orig_size"]):
             part = image_logits[:, :max(1, round(h * scale)), :max(1, round(w * scale))]
-            masks.append(F.interpolate(part[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0))
+            masks.append(resized_argmax(part, (h, w)))
         return masks
+
+
+def source_rows(out_size: int, in_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear (align_corners=False) resampling of one axis as PyTorch computes it: for each output index, the
+    two source indices and their weights (lower index, upper index, lower weight, upper weight)."""
+    scale = float(torch.tensor(in_size / out_size, dtype=torch.float32))  # PyTorch's scale is a float32
+    real = (scale * (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) - 0.5).float().clamp(min=0)
+    low = real.floor().long().clamp(max=in_size - 1)
+    upper = (real - low).clamp(0, 1)
+    return low, (low + 1).clamp(max=in_size - 1), 1 - upper, upper
+
+
+def resized_argmax(logits: Tensor, size: tuple[int, int], max_elements: int = 1 << 24) -> Tensor:
+    """``F.interpolate(logits[None], size, mode="bilinear").argmax(1)[0]`` for ``logits`` [C, h, w], computed in
+    bands of output rows of at most ``max_elements`` resized logits each: a 24-megapixel photo through a
+    150-class head would otherwise hold 14 GB of resized logits. Each band resizes the source rows it needs
+    across (PyTorch's own kernel; rows kept as they are), then blends them down with PyTorch's row weights, in
+    the order PyTorch's bilinear kernel sums: the labels are those of the whole-image resize, except where two
+    classes tie within one float32 rounding (2 pixels in 24 million, random 150-class logits)."""
+    channels, in_h, in_w = logits.shape
+    height, width = size
+    logits = logits.float()
+    y0, y1, wy0, wy1 = source_rows(height, in_h, logits.device)
+    low, high = y0.tolist(), y1.tolist()  # host copies of the row indices: one transfer, not one per band
+    mask = torch.empty((height, width), dtype=torch.long, device=logits.device)
+    band = max(1, max_elements // max(1, channels * width))
+    for start in range(0, height, band):
+        stop = min(height, start + band)
+        first, last = low[start], high[stop - 1] + 1  # the source rows this band blends
+        across = F.interpolate(logits[None, :, first:last], size=(last - first, width), mode="bilinear",
+                               align_corners=False)[0]  # [C, rows, width]: each row resized across only
+        rows = slice(start, stop)
+        resized = across[:, y0[rows] - first] * wy0[rows, None] + across[:, y1[rows] - first] * wy1[rows, None]
+        mask[rows] = resized.argmax(0)
+    return mask
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):

@@ -1,0 +1,105 @@
+"""One image reader for the converters, the training pipelines and prediction: a file (or its bytes) becomes the
+8-bit RGB image a viewer shows.
+
+- EXIF orientation is applied, as OpenCV's ``imread``, mmcv's readers and detectron2's ``read_image`` apply it:
+  a phone photo stored 400x600 with Orientation 6 is read upright at 600x400. Annotations of converted datasets
+  are in the frame this reader produces (the upright one); results of prediction are too.
+- Every pixel mode becomes 8-bit RGB by its meaning, not by clipping: 16-bit integers (``I;16*``, and ``I``
+  holding 0-65535, as 16-bit PNGs and TIFFs open) are scaled by 255 / 65535; float images (``F``, float TIFFs)
+  are taken as 0-1 and clipped there; grey, 1-bit, palette, CMYK and YCbCr are converted by PIL; an alpha
+  channel (``LA``, ``RGBA``, ``PA``, palette transparency) is dropped, as ``imread`` drops it. Any other mode
+  is refused, naming the file and the mode.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mthl_ds.errors import InputError
+
+CONVERTED = {"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+SUPPORTED = sorted(CONVERTED | SIXTEEN_BIT | {"I", "F"})
+
+
+class ImageReadError(InputError):
+    """A file that is not a usable image: not found, not readable, not decodable, or of an unsupported mode; the
+    message names the file and which."""
+
+
+def read_bytes(path: Union[str, Path]) -> bytes:
+    """A file's bytes, with an error that says whether it is missing or unreadable."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a folder, not an image file") from None
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def decode(data: bytes, name: Union[str, Path] = "image") -> Image.Image:
+    """The image in ``data``, fully decoded (a truncated file fails here), in its stored mode and orientation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; a file that decodes is used
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        return img
+    except Exception as e:  # PIL raises several types for files that are not images
+        reason = str(e) or type(e).__name__
+        raise ImageReadError(f"{name}: does not decode as an image ({reason})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says, with the orientation then removed from its EXIF (so that
+    reading it again does not turn it twice); a broken EXIF block is no orientation."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # PIL raises several types for malformed EXIF
+        return img
+
+
+def to_rgb(img: Image.Image, name: Union[str, Path] = "image") -> Image.Image:
+    """``img`` as 8-bit RGB in its displayed orientation (module docstring)."""
+    img = upright(img)
+    mode = img.mode
+    if mode in CONVERTED:
+        rgb = img.convert("RGB")
+    elif mode in SIXTEEN_BIT or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageReadError(f"{name}: unsupported pixel mode 'I' with values {values.min()}..{values.max()} "
+                                 "(32-bit integers; 16-bit 0-65535 is read)")
+        rgb = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        rgb = Image.fromarray(np.rint(np.clip(values, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    else:
+        raise ImageReadError(f"{name}: unsupported pixel mode {mode!r} (supported: {', '.join(SUPPORTED)})")
+    return rgb
+
+
+def read_rgb(path: Union[str, Path]) -> Image.Image:
+    """The 8-bit RGB, upright image in the file at ``path``; errors name the file and what is wrong."""
+    return to_rgb(decode(read_bytes(path), path), path)
+
+
+def rgb_from_bytes(data: bytes, name: Union[str, Path] = "image") -> Image.Image:
+    """The 8-bit RGB, upright image in ``data`` (a shard member); errors name ``name``."""
+    return to_rgb(decode(data, name), name)
+
+
+def displayed_size(data: bytes, name: Union[str, Path] = "image") -> tuple[int, int]:
+    """(width, height) of the image in ``data`` as this reader produces it, after checking that it decodes fully
+    and that its mode is supported."""
+    return rgb_from_bytes(data, name).size
