@@ -106,6 +106,10 @@ def cmd_bench(args) -> int:
             raise InputError("mthl-ds bench gpu needs a CUDA GPU; torch.cuda.is_available() is False here")
         rows = gpu_rows(repeats=args.repeats)
         columns = COLUMNS
+    elif args.suite == "moe":
+        from mthl_ds.studies.bench.moe import COLUMNS as columns
+        from mthl_ds.studies.bench.moe import run
+        rows = run(repeats=args.repeats)
     elif args.suite == "large-image":
         from mthl_ds.studies.bench.large_image import run
         rows = run()
@@ -387,10 +391,12 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     p.add_argument("suite", nargs="?", default="all",
-                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image"],
-                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity / large-image: "
-                        "one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and export-checksum "
-                        "costs; large-image: peak memory of predicting a 6000x4000 photo's segmentation)")
+                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image", "moe"],
+                   help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity / large-image / "
+                        "moe: one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and "
+                        "export-checksum costs; large-image: peak memory of predicting a 6000x4000 photo's "
+                        "segmentation; moe: one MoE layer, capacity / dropless / DeepSpeed's / dense, at the "
+                        "Swin-T stage widths and the paper's per-GPU tokens)")
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")

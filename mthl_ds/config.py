@@ -58,6 +58,9 @@ class MoEConfig:
     mi_momentum: float = 0.98
     losses: dict[str, float] = field(default_factory=lambda: {"mi": 0.01})
     upcycle: Optional[Literal["copy", "split"]] = None
+    # training dispatch: "capacity" pads each expert to a fixed capacity and drops what overflows (DeepSpeed's
+    # layer, the paper's); "dropless" sorts the routes by expert and runs each expert on exactly its tokens
+    dispatch: Literal["capacity", "dropless"] = "capacity"
     attention: Optional[AttentionMoEConfig] = None  # Mod-Squad MoE attention in the same blocks; None: off
 
 

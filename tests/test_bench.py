@@ -54,3 +54,19 @@ def test_large_image_bench_measures_each_candidate_in_its_own_process():
     assert too_large(4, (300, 200)) is None
     side = int(math.sqrt(machine_memory() / 16)) + 1  # 4 classes x side^2 float32 values: the whole memory
     assert "not run: its resized logits alone take" in too_large(4, (side, side))
+
+
+def test_moe_bench_rows_compare_the_four_layers_at_each_stage_width():
+    """Tiny token counts: a row per candidate and stage width, each timed; the MoE layers have the dense MLP's
+    FLOPs (dropless's counted through its grouped experts, the capacity layers' padded slots included), and
+    only the capacity layers drop routes."""
+    from mthl_ds.studies.bench.moe import WIDTHS, run
+    rows = run(repeats=1, scale=1 / 1024, datasets=("ade20k",))
+    assert [(r["width"], r["candidate"]) for r in rows] == [(w, c) for w in WIDTHS
+                                                            for c in ("capacity", "dropless", "deepspeed", "dense")]
+    for r in rows:
+        assert r["ms"] > 0 and r["ratio"] > 0, r
+        if r["candidate"] == "dropless":
+            assert 0.95 < r["flops_ratio"] < 1.1 and r["dropped"] == "0.0%" and r["note"] == "experts: looped", r
+        if r["candidate"] == "dense":
+            assert r["ratio"] == 1.0 and r["flops_ratio"] == 1.0

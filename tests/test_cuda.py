@@ -196,3 +196,21 @@ def test_memory_plan_matches_the_allocator_peak(capsys):
 def test_cpu_fp16_shim_is_never_active_where_cuda_is():
     from mthl_ds.runtime import cpu_half
     assert cpu_half.enable() is False and cpu_half._mode is None
+
+
+def test_dropless_experts_on_cuda_use_grouped_mm_where_it_runs_and_match_the_loop():
+    """bf16 on CUDA: the backend is ``grouped_mm`` wherever its probe runs (sm90), and its outputs match the
+    looped experts on the same rows within bf16's rounding, an empty expert included."""
+    from timm.layers import Mlp
+
+    from mthl_ds.moe.grouped import backend, grouped_mm_works, run_groups
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    experts = [Mlp(64, 128).to(device, torch.bfloat16) for _ in range(3)]
+    counts = torch.tensor([40, 0, 88], device=device)
+    x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
+    expected = "grouped_mm" if grouped_mm_works(device, torch.bfloat16) else "looped"
+    assert backend(device, torch.bfloat16) == expected
+    if expected == "grouped_mm":
+        torch.testing.assert_close(run_groups(experts, x, counts, "grouped_mm").float(),
+                                   run_groups(experts, x, counts, "looped").float(), rtol=2e-2, atol=2e-2)

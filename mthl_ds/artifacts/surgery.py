@@ -134,7 +134,7 @@ def shard_experts(model: MTHLModel, ep_size: int, ep_rank: int) -> MTHLModel:
             raise SurgeryError(f"MoE layer {index} has {layer.num_experts} experts, not divisible by ep_size={ep_size}")
         local = layer.num_experts // ep_size
         sharded = MoEMlp(layer.dim, layer.hidden, layer.num_experts, layer.gate, ep_size=ep_size,
-                         act_layer=layer.act_layer)
+                         act_layer=layer.act_layer, dispatch=layer.dispatch)
         for target, source in zip(sharded.local_mlps, layer.local_mlps[ep_rank * local:(ep_rank + 1) * local]):
             target.load_state_dict(source.state_dict())
             for t, s in zip(target.parameters(), source.parameters()):

@@ -113,9 +113,10 @@ def moeify(net: nn.Module, moe: MoEConfig, top_k: dict[str, int], context: Routi
         dim, dense_hidden = dense.fc1.in_features, dense.fc1.out_features
         if dense_hidden % divisor:
             raise ValueError(f"MLP {i}: hidden {dense_hidden} is not divisible by {divisor}")
-        gate = make_gate(dim, moe.num_experts, top_k, moe, context)
+        gate = make_gate(dim, moe.num_experts, top_k, moe, context,
+                         drop_tokens=moe.drop_tokens and moe.dispatch == "capacity")
         layer = MoEMlp(dim, dense_hidden // divisor, moe.num_experts, gate, ep_size=ep_size,
-                       act_layer=type(dense.act))
+                       act_layer=type(dense.act), dispatch=moe.dispatch)
         if moe.upcycle:
             layer.upcycle(dense, moe.upcycle, moe.top_k, ep_rank=ep_rank)
         else:

@@ -17,9 +17,20 @@ def count_parameters(params: Union[nn.Module, Iterable[torch.Tensor]], trainable
     return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``torch._grouped_mm``: 2 FLOPs per multiply-add of every group. Two 2-D operands (the weight gradient:
+    [K, M] x [M, N] -> [G, K, N]) split the contracted M into groups; otherwise each output element contracts
+    ``a_shape[-1]`` values."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[-1] * int(torch.Size(out_shape).numel())
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of whatever ``fn()`` runs (a forward, a forward and backward, ...), by torch's counter."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of whatever ``fn()`` runs (a forward, a forward and backward, ...), by torch's counter, which also
+    counts ``torch._grouped_mm`` (the dropless experts) here."""
+    mapping = {torch.ops.aten._grouped_mm: grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 

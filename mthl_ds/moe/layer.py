@@ -12,9 +12,12 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from mthl_ds.moe.gate import PerDatasetGate
+from mthl_ds.moe.gate import PerDatasetGate, Routes
+from mthl_ds.moe.grouped import run_groups
+from mthl_ds.runtime.collectives import all_to_all_equal, all_to_all_rows
 
 UPCYCLE_MODES = ("copy", "split")
+DISPATCH = ("capacity", "dropless")
 
 
 class MoEMlp(MoE):
@@ -35,15 +38,19 @@ class MoEMlp(MoE):
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, gate: PerDatasetGate, ep_size: int = 1,
-                 act_layer: type[nn.Module] = nn.GELU):
+                 act_layer: type[nn.Module] = nn.GELU, dispatch: str = "capacity"):
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}")
         if gate.num_experts != num_experts:
             raise ValueError(f"gate routes over {gate.num_experts} experts, layer has {num_experts}")
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch {dispatch!r} is not one of {DISPATCH}")
+        if dispatch == "dropless" and gate.drop_tokens:
+            raise ValueError("dropless dispatch needs a gate that drops no route (drop_tokens=False)")
         super().__init__(hidden_size=dim, expert=Mlp(dim, hidden, act_layer=act_layer), num_experts=num_experts,
                          ep_size=ep_size, k=1)
         self.deepspeed_moe.gate = gate  # replaces DeepSpeed's TopKGate
-        self.dim, self.hidden, self.act_layer = dim, hidden, act_layer
+        self.dim, self.hidden, self.act_layer, self.dispatch = dim, hidden, act_layer, dispatch
         self.adapter: Optional[Adapter] = None  # the adapter baseline (Houlsby et al.), added by surgery
 
     @property
@@ -88,6 +95,9 @@ class MoEMlp(MoE):
         moe = self.deepspeed_moe
         tokens = x.reshape(-1, x.shape[-1])
         routes = self.gate(tokens, None, True, False)
+        if self.dispatch == "dropless" and self.training:
+            out = self.forward_dropless(tokens, routes).view(x.shape)
+            return out if self.adapter is None else out + self.adapter(out)
         indices, locations, gates, num_experts = routes.indices, routes.locations, routes.gates, routes.num_experts
         capacity = int(routes.capacity)  # a Python int with dropped routes; else the one host sync of this layer
         slots = num_experts * capacity
@@ -113,6 +123,35 @@ class MoEMlp(MoE):
         combined = combined.to(outputs.dtype)
         out = combined.view(x.shape)
         return out if self.adapter is None else out + self.adapter(out)
+
+    def forward_dropless(self, tokens: Tensor, routes: Routes) -> Tensor:
+        """Every route, none dropped: routes sorted by expert, each expert run on exactly its rows
+        (:func:`grouped.run_groups`), the outputs weighted by their gates and added back onto their tokens.
+        Across expert-parallel ranks the per-expert counts are exchanged first, then the rows, in pieces of
+        those sizes (nothing padded); the counts are read on the host once per call to size the exchange."""
+        moe = self.deepspeed_moe
+        count, experts = tokens.shape[0], routes.num_experts
+        expert = routes.indices.flatten().long()  # (K * S,): route k of token s at k * S + s
+        order = expert.argsort(stable=True)
+        source = torch.arange(count, device=tokens.device).repeat(routes.indices.shape[0])[order]
+        rows = tokens.index_select(0, source)
+        counts = torch.bincount(expert, minlength=experts)
+        if moe.ep_size > 1:
+            local = self.num_local_experts
+            received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]
+            send, receive = counts.view(moe.ep_size, local).sum(1).tolist(), received.sum(1).tolist()
+            rows = all_to_all_rows(rows, send, receive, moe.ep_group)
+            # received by (source rank, local expert); the experts want (local expert, source rank)
+            row_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(moe.ep_size),
+                                                 received.flatten(), output_size=len(rows))
+            by_expert = row_expert.argsort(stable=True)
+            outputs = run_groups(self.local_mlps, rows[by_expert], received.sum(0))
+            outputs = all_to_all_rows(outputs[by_expert.argsort()], receive, send, moe.ep_group)
+        else:
+            outputs = run_groups(self.local_mlps, rows, counts)
+        weighted = outputs.float() * routes.gates.flatten()[order].float().unsqueeze(1)
+        combined = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device).index_add_(0, source, weighted)
+        return combined.to(outputs.dtype)
 
     def run_experts(self, dispatched: Tensor) -> Tensor:
         """``[ep, local experts, C, d] -> same``: each local expert on the slots every rank sent it."""

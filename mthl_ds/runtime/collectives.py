@@ -96,3 +96,36 @@ def all_gather(tensor: Tensor, group=None) -> list[Tensor]:
 def barrier(group=None) -> None:
     if distributed(group):
         torch.distributed.barrier(group=group)
+
+
+class AllToAllRows(torch.autograd.Function):
+    """Rows of a tensor exchanged over ``group``: ``send[r]`` rows to rank r, ``receive[r]`` rows from it; the
+    gradient goes back by the same exchange reversed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], receive: list[int], group) -> Tensor:
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        check_device(x, group)
+        out = x.new_empty((sum(receive), *x.shape[1:]))
+        torch.distributed.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return AllToAllRows.apply(grad, ctx.receive, ctx.send, ctx.group), None, None, None
+
+
+def all_to_all_rows(x: Tensor, send: list[int], receive: list[int], group=None) -> Tensor:
+    """Differentiable exchange of rows of varying counts (dropless expert parallelism); ``x`` itself in one
+    process."""
+    return AllToAllRows.apply(x, send, receive, group) if distributed(group) else x
+
+
+def all_to_all_equal(x: Tensor, group=None) -> Tensor:
+    """``x`` [ranks, ...]: row r goes to rank r; returns [ranks, ...], row r from rank r (split sizes, counts)."""
+    if not distributed(group):
+        return x
+    check_device(x, group)
+    out = torch.empty_like(x)
+    torch.distributed.all_to_all_single(out, x.contiguous(), group=group)
+    return out

@@ -34,9 +34,12 @@ def global_name(name: str, layer_local_experts: int, rank_in_ep: int) -> str:
     return f"{head}{marker}{rank_in_ep * layer_local_experts + int(local)}.{rest}"
 
 
-def expert_parallel_pass(rank: int) -> dict:
-    recipe = load_recipe("demo", EP_OVERRIDES)
-    model = build_model(recipe, ep_size=2, ep_rank=ep_rank(2))
+def expert_parallel_pass(rank: int, ep_size: int = 2, extra: tuple[str, ...] = ()) -> dict:
+    """Half the global batch on each rank through a real engine with ``ep_size``: logits, loss and gradients
+    (expert parameters under their global index)."""
+    recipe = load_recipe("demo", [*(o for o in EP_OVERRIDES if not o.startswith("train.ep_size")),
+                                  f"train.ep_size={ep_size}", *extra])
+    model = build_model(recipe, ep_size=ep_size, ep_rank=ep_rank(ep_size))
     engine, _, _ = build_engine(model, recipe)
     images, labels = global_batch()
     half = slice(4 * rank, 4 * rank + 4)
@@ -44,7 +47,8 @@ def expert_parallel_pass(rank: int) -> dict:
     logits = engine(images[half])
     loss = F.cross_entropy(logits, labels[half])
     engine.backward(loss)
-    grads = {global_name(n, 2, ep_rank(2)): p.grad.clone() for n, p in engine.module.named_parameters()
+    local = recipe.model.moe.num_experts // ep_size
+    grads = {global_name(n, local, ep_rank(ep_size)): p.grad.clone() for n, p in engine.module.named_parameters()
              if p.grad is not None}
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": grads}
 
@@ -69,13 +73,19 @@ def buffer_pass(rank: int, ckpt: Path) -> dict:
     return {"buffers": buffers, "loaded": loaded}
 
 
-def main(out: Path) -> None:
+def main(out: Path, mode: str = "capacity") -> None:
+    """``capacity``: the expert-parallel and MI-buffer passes; ``dropless``: dropless dispatch with ep_size 1
+    and 2."""
     init_distributed()
     rank, world_size = world()
     assert world_size == 2, world_size
-    result = {"ep": expert_parallel_pass(rank), "buffer": buffer_pass(rank, out / "ckpt")}
+    if mode == "dropless":
+        result = {f"dropless_ep{ep}": expert_parallel_pass(rank, ep, ("model.moe.dispatch=dropless",))
+                  for ep in (1, 2)}
+    else:
+        result = {"ep": expert_parallel_pass(rank), "buffer": buffer_pass(rank, out / "ckpt")}
     torch.save(result, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -1,0 +1,131 @@
+"""Dropless dispatch (``model.moe.dispatch: dropless``): the same outputs and gradients as the capacity path when
+the capacity path drops nothing, in one process and on 2 gloo ranks with ep_size 1 and 2, on both grouped-expert
+backends; the same parameters and checkpoint files."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_ranks
+from timm.layers import Mlp
+from workers.moe_ranks import EP_OVERRIDES, global_batch
+
+from mthl_ds.build import build_model
+from mthl_ds.config import load_recipe
+from mthl_ds.models.counting import count_flops
+from mthl_ds.moe.grouped import backend, grouped_mm_works, run_groups
+
+ONE_PROCESS = [o for o in EP_OVERRIDES if not o.startswith("train.ep_size")]  # drop_tokens=false: nothing dropped
+
+
+def step(model, images, labels):
+    model.set_dataset("imagenet")
+    logits = model(images)
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_dropless_equals_the_capacity_path_that_drops_nothing_in_one_process():
+    """Every MoE layer of the demo model, training mode, one forward and backward: logits and every gradient
+    (experts, routers, the rest) agree; the parameter names (so the checkpoint files) are the same."""
+    capacity = build_model(load_recipe("demo", ONE_PROCESS)).train()
+    dropless = build_model(load_recipe("demo", [*ONE_PROCESS, "model.moe.dispatch=dropless"])).train()
+    assert [n for n, _ in capacity.named_parameters()] == [n for n, _ in dropless.named_parameters()]
+    dropless.load_state_dict(capacity.state_dict())
+    images, labels = global_batch()
+    want, want_grads = step(capacity, images, labels)
+    got, got_grads = step(dropless, images, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert set(got_grads) == set(want_grads) and any(".deepspeed_experts." in n for n in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_capacity_path_drops_routes_that_dropless_keeps():
+    """With the paper's drop_tokens and capacity factor 1 the capacity path drops routes of a skewed batch (its
+    output differs); dropless keeps them all (its layer's gate is built without dropping)."""
+    recipe = [o for o in ONE_PROCESS if "drop_tokens" not in o]
+    capacity = build_model(load_recipe("demo", recipe)).train()
+    dropless = build_model(load_recipe("demo", [*recipe, "model.moe.dispatch=dropless"])).train()
+    dropless.load_state_dict(capacity.state_dict())
+    assert all(not layer.gate.drop_tokens for layer in dropless.backbone.moe_layers)
+    images, labels = global_batch()
+    reference = build_model(load_recipe("demo", ONE_PROCESS)).train()
+    reference.load_state_dict(capacity.state_dict())
+    kept, _ = step(reference, images, labels)
+    torch.testing.assert_close(step(dropless, images, labels)[0], kept, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(step(capacity, images, labels)[0], kept, atol=1e-4)
+
+
+def mlps(count=3, dim=16, hidden=32):
+    torch.manual_seed(0)
+    return [Mlp(dim, hidden) for _ in range(count)]
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 12], [4, 4, 4]])
+def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gradients(counts):
+    experts = mlps()
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    out = run_groups(experts, x, torch.tensor(counts), "looped")
+    starts = [sum(counts[:e]) for e in range(3)]
+    for e, (start, count) in enumerate(zip(starts, counts)):
+        torch.testing.assert_close(out[start:start + count], experts[e](x[start:start + count]))
+    out.sum().backward()
+    for e, count in enumerate(counts):
+        assert experts[e].fc1.weight.grad is not None
+        assert bool(experts[e].fc1.weight.grad.any()) == (count > 0)
+
+
+@pytest.mark.skipif(not grouped_mm_works(torch.device("cpu"), torch.bfloat16),
+                    reason="torch._grouped_mm does not run in bf16 on this machine's CPU with this torch")
+def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
+    """``torch._grouped_mm`` (what CUDA sm90 runs) against the looped experts on the same bf16 rows: outputs and
+    weight gradients within bf16's rounding; FLOPs counted alike."""
+    experts = [m.to(torch.bfloat16) for m in mlps()]
+    counts = torch.tensor([5, 0, 11])
+    x = torch.randn(16, 16, dtype=torch.bfloat16)
+    results = {}
+    for choice in ("grouped_mm", "looped"):
+        for m in experts:
+            m.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = run_groups(experts, inputs, counts, choice)
+        out.float().square().sum().backward()
+        results[choice] = (out.float(), inputs.grad.float(), [m.fc1.weight.grad.float() for m in experts])
+    (a, ga, wa), (b, gb, wb) = results["grouped_mm"], results["looped"]
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ga, gb, rtol=3e-2, atol=3e-2)
+    for u, v in zip(wa, wb):
+        torch.testing.assert_close(u, v, rtol=3e-2, atol=3e-2)
+    assert not wa[1].any()  # the empty expert
+    assert backend(torch.device("cpu"), torch.bfloat16) == "looped"  # the CPU's kernel is slower than the loop
+
+    def forward_backward(choice):
+        inputs = x.clone().requires_grad_()
+        run_groups(experts, inputs, counts, choice).float().square().sum().backward()
+
+    # torch's FLOP counter counts the grouped kernel (here) as the loop's matmuls
+    flops = {choice: count_flops(lambda: forward_backward(choice)) for choice in ("grouped_mm", "looped")}
+    assert flops["grouped_mm"] == flops["looped"] == 3 * 2 * 16 * (16 * 32 + 32 * 16)  # 16 rows, d 16, hidden 32
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dropless_ranks")
+    run_ranks("moe_ranks.py", 2, [str(out), "dropless"])
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_dropless_on_two_ranks_equals_one_process(ranks, ep_size):
+    """Real DeepSpeed engines on 2 gloo ranks, each with half the batch: with ep_size 2 the rows cross ranks in
+    a variable-size all-to-all, with ep_size 1 each rank runs every expert; either way the logits and every
+    gradient (summed over the ranks' halves) are those of the capacity path in one process."""
+    model = build_model(load_recipe("demo", ONE_PROCESS)).train()
+    images, labels = global_batch()
+    logits, grads = step(model, images, labels)
+    results = [r[f"dropless_ep{ep_size}"] for r in ranks]
+    torch.testing.assert_close(torch.cat([r["logits"] for r in results]), logits, rtol=1e-5, atol=1e-5)
+    got = {}
+    for result in results:  # expert gradients live on their rank; the others are all-reduced by the engine
+        got.update(result["grads"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
