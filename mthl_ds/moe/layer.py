@@ -130,12 +130,12 @@ class MoEMlp(MoE):
         Across expert-parallel ranks the per-expert counts are exchanged first, then the rows, in pieces of
         those sizes (nothing padded); the counts are read on the host once per call to size the exchange."""
         moe = self.deepspeed_moe
-        count, experts = tokens.shape[0], routes.num_experts
+        count = tokens.shape[0]
         expert = routes.indices.flatten().long()  # (K * S,): route k of token s at k * S + s
         order = expert.argsort(stable=True)
         source = torch.arange(count, device=tokens.device).repeat(routes.indices.shape[0])[order]
         rows = tokens.index_select(0, source)
-        counts = torch.bincount(expert, minlength=experts)
+        counts = routes.counts  # this rank's routes per expert; none is dropped here
         if moe.ep_size > 1:
             local = self.num_local_experts
             received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]
