@@ -110,6 +110,11 @@ def cmd_bench(args) -> int:
         from mthl_ds.studies.bench.moe import COLUMNS as columns
         from mthl_ds.studies.bench.moe import run
         rows = run(repeats=args.repeats)
+    elif args.suite == "step":
+        from mthl_ds.studies.bench.step import COLUMNS as columns
+        from mthl_ds.studies.bench.step import run
+        precisions = tuple(args.precisions.split(",")) if args.precisions else ("fp32", "bf16")
+        rows = run(args.recipe, precisions, repeats=args.repeats, progress=lambda row: print(json.dumps(row)))
     elif args.suite == "large-image":
         from mthl_ds.studies.bench.large_image import run
         rows = run()
@@ -391,18 +396,20 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     p.add_argument("suite", nargs="?", default="all",
-                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image", "moe"],
+                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image", "moe", "step"],
                    help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity / large-image / "
                         "moe: one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and "
                         "export-checksum costs; large-image: peak memory of predicting a 6000x4000 photo's "
                         "segmentation; moe: one MoE layer, capacity / dropless / DeepSpeed's / dense, at the "
-                        "Swin-T stage widths and the paper's per-GPU tokens)")
+                        "Swin-T stage widths and the paper's per-GPU tokens; step: MTHL (capacity and dropless) "
+                        "against MTHL.D, one training forward and backward per dataset at the recipe's input sizes)")
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
     p.add_argument("--smoke", action="store_true", help="suite: tiny sizes, 2 repeats (checks the code, not the speed)")
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
     p.add_argument("--real-size", action="store_true", help="data: each dataset at the recipe's real sizes and "
                    "augmentations, and the workers per GPU that feed a V100 (at most 48 samples per loop)")
-    p.add_argument("--recipe", default="mthl_swin_t", help="data --real-size: the recipe whose datasets to time")
+    p.add_argument("--recipe", default="mthl_swin_t", help="data --real-size, step: the recipe whose datasets to time")
+    p.add_argument("--precisions", help="step: comma-separated, of fp32, bf16, fp16 (default fp32,bf16)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")
     p.set_defaults(fn=cmd_bench)

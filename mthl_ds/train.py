@@ -37,6 +37,7 @@ from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
 from mthl_ds.errors import CheckpointError
 from mthl_ds.evaluate import evaluate, pipeline_config
+from mthl_ds.moe.grouped import backend
 from mthl_ds.runfiles import MetricsLog, keep_metrics, row_kind
 from mthl_ds.runtime import cpu_half
 from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, world
@@ -205,6 +206,7 @@ class Trainer:
             self.load(resume_tag, saved)
         self.record_launch()
         if self.rank == 0:
+            print(f"MoE dispatch: {self.moe_dispatch()}", flush=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
             self.metrics_file = self.open_metrics()
             if self.damaged:  # a resume that passed over damaged checkpoints says so in the metrics too
@@ -250,9 +252,19 @@ class Trainer:
         folder = self.run_dir / "launch"
         folder.mkdir(parents=True, exist_ok=True)
         info = {"rank": self.rank, "world": self.world, "host": os.uname().nodename, "pid": os.getpid(),
-                "start_step": self.step,
+                "start_step": self.step, "moe_dispatch": self.moe_dispatch(),
                 **{k: os.environ[k] for k in keys if k in os.environ}}
         (folder / f"rank{self.rank}.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    def moe_dispatch(self) -> str:
+        """How this run's MoE layers dispatch: ``capacity``, or ``dropless`` with the experts' backend on this
+        device and dtype (``mthl_ds.moe.grouped``); ``dense`` without MoE layers."""
+        if not self.model.backbone.moe_layers:
+            return "dense"
+        dispatch = self.recipe.model.moe.dispatch
+        if dispatch == "dropless":
+            dispatch += f" (experts: {backend(self.device, self.model.dtype)})"
+        return dispatch
 
     def record_exit(self) -> None:
         """Add the rank's peak resident memory and the steps it ran to its launch record."""
@@ -297,6 +309,7 @@ class Trainer:
             record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         if step % r.train.log_every == 0 and self.model.backbone.gates:
             record["mi"] = self.model.backbone.routing_mi()
+            record["routes_dropped"] = all_reduce_mean(self.model.backbone.routes_dropped())
         if self.lamb is not None:
             self.lamb.apply_mask = applied
         elif not bool(applied):  # another optimizer cannot skip on the device: one host sync per step

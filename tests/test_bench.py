@@ -56,17 +56,37 @@ def test_large_image_bench_measures_each_candidate_in_its_own_process():
     assert "not run: its resized logits alone take" in too_large(4, (side, side))
 
 
-def test_moe_bench_rows_compare_the_four_layers_at_each_stage_width():
+def test_moe_bench_rows_compare_the_four_layers_and_the_gate_at_each_stage_width():
     """Tiny token counts: a row per candidate and stage width, each timed; the MoE layers have the dense MLP's
-    FLOPs (dropless's counted through its grouped experts, the capacity layers' padded slots included), and
-    only the capacity layers drop routes."""
+    FLOPs (dropless's counted through its grouped experts, the capacity layers' padded slots included), only
+    the capacity layers drop routes, and the gate alone costs a fraction of its layer's FLOPs."""
     from mthl_ds.studies.bench.moe import WIDTHS, run
     rows = run(repeats=1, scale=1 / 1024, datasets=("ade20k",))
     assert [(r["width"], r["candidate"]) for r in rows] == [(w, c) for w in WIDTHS
-                                                            for c in ("capacity", "dropless", "deepspeed", "dense")]
+                                                            for c in ("capacity", "dropless", "deepspeed", "dense",
+                                                                      "gate")]
     for r in rows:
         assert r["ms"] > 0 and r["ratio"] > 0, r
         if r["candidate"] == "dropless":
             assert 0.95 < r["flops_ratio"] < 1.1 and r["dropped"] == "0.0%" and r["note"] == "experts: looped", r
         if r["candidate"] == "dense":
             assert r["ratio"] == 1.0 and r["flops_ratio"] == 1.0
+        if r["candidate"] == "gate":
+            assert 0 < r["flops_ratio"] < 0.5 and r["dropped"] == "", r
+
+
+def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision():
+    """The demo recipe at its own batches, one round: per dataset and precision a row for MTHL capacity, MTHL
+    dropless and MTHL.D, with the FLOPs ratio of twins (about 1) and only the capacity model dropping routes."""
+    from mthl_ds.studies.bench.step import CANDIDATES, run
+    rows = run("demo", ("fp32", "bf16"), repeats=1, batches={}, progress=lambda row: None)
+    assert [(r["precision"], r["dataset"], r["candidate"]) for r in rows] == [
+        (p, d, c) for p in ("fp32", "bf16") for d in ("imagenet", "coco", "ade20k") for c in CANDIDATES]
+    for r in rows:
+        assert r["ms"] > 0 and 0.99 < r["flops_ratio"] < 1.05, r
+        if r["candidate"] == "MTHL.D":
+            assert r["ratio"] == 1.0 and r["met"] is None and r["dropped"] == ""
+        else:
+            assert r["ratio"] > 0 and isinstance(r["met"], bool) and r["dropped"].endswith("%"), r
+    assert any(r["dropped"] != "0.0%" for r in rows if r["candidate"] == "MTHL capacity")
+    assert all(r["dropped"] == "0.0%" for r in rows if r["candidate"] == "MTHL dropless")

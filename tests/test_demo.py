@@ -23,5 +23,8 @@ def test_short_demo_learns_all_three_tasks(tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len([s for s in steps if "loss" in s]) == STEPS
+    dropped = [s["routes_dropped"] for s in steps if "mi" in s]  # the capacity's drops, at each logged step
+    assert dropped and all(0 <= d < 0.5 for d in dropped) and any(d > 0 for d in dropped), dropped
+    assert "## Routes dropped by capacity" in (run / "report.md").read_text()
     assert (run / "checkpoints" / "latest_complete").read_text().strip() == f"step{STEPS:08d}"
     assert "demo finished" in proc.stdout and "report.md" in proc.stdout

@@ -75,7 +75,8 @@ def fake_step(recipe, name: str, batch_size: int) -> dict:
         usage = torch.zeros(len(model.backbone.moe_layers), recipe.model.moe.num_experts, device=device)
         for layer, row in zip(model.backbone.moe_layers, usage):
             row += layer.gate.counts.float() * applied
-        logged = [loss, *parts.values(), *model.backbone.router_loss_terms().values(), model.backbone.routing_mi()]
+        logged = [loss, *parts.values(), *model.backbone.router_loss_terms().values(), model.backbone.routing_mi(),
+                  model.backbone.routes_dropped()]
         return {"loss": loss, "logged": logged, "usage": usage,
                 "joint": [g.routing_joint for g in model.backbone.gates]}
 

@@ -99,12 +99,15 @@ def test_config_errors_fail_before_any_process_group(shards, tmp_path, extra, en
 
 
 def test_plain_python_single_rank_run_and_refused_resume(shards, tmp_path):
-    """`python -m mthl_ds.train` with no launcher is one rank; a changed model cannot resume its folder."""
+    """`python -m mthl_ds.train` with no launcher is one rank (here with dropless dispatch, whose experts' backend
+    the run names); a changed model cannot resume its folder."""
     args = ["--out", str(tmp_path / "run")] + [a for o in demo_overrides(shards, steps=2, ckpt_every=2, ep_size=1)
-                                              for a in ("--set", o)]
+                                              for a in ("--set", o)] + ["--set", "model.moe.dispatch=dropless"]
     proc = run_train(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "launch" / "rank0.json").read_text())["world"] == 1
+    assert "MoE dispatch: dropless (experts: looped)" in proc.stdout
+    launch = json.loads((tmp_path / "run" / "launch" / "rank0.json").read_text())
+    assert launch["world"] == 1 and launch["moe_dispatch"] == "dropless (experts: looped)"
     assert (tmp_path / "run" / "final_metrics.json").is_file()
     proc = run_train(args + ["--set", "model.moe.top_k=2"], timeout=300)
     assert proc.returncode == 2

@@ -117,6 +117,16 @@ def write_report(run_dir: Path, recipe: Recipe, history: list[dict], results: di
     for name, m in mix.items():
         lines.append(f"| {name} | {m['steps']} | {m['share']:.3f} | {m['target']:.3f} |")
     lines += ["", "![losses](losses.png)", "", "![metrics](metrics.png)"]
+    dropped = {name: [h["routes_dropped"] for h in history if h["dataset"] == name and "routes_dropped" in h]
+               for name in results}
+    if any(dropped.values()):
+        lines += ["", "## Routes dropped by capacity", "", "The share of a training step's routes (every MoE layer, "
+                  "every rank) over their expert's capacity, at the logged steps.", "",
+                  "| dataset | logged steps | mean | max |", "|---|---|---|---|"]
+        for name, shares in dropped.items():
+            if shares:
+                lines.append(f"| {name} | {len(shares)} | {100 * sum(shares) / len(shares):.2f}% | "
+                             f"{100 * max(shares):.2f}% |")
     if usage:
         plot_usage(usage, run_dir / "usage.png")
         lines += ["", "## Expert usage", "", "Each row: the share of a dataset's training routes that went to each "

@@ -215,6 +215,14 @@ class MoEBackbone(nn.Module):
             return torch.zeros(0)
         return torch.stack([-exact_negative_mi(gate.routing_joint.double()) for gate in self.gates]).clamp(min=0)
 
+    def routes_dropped(self) -> Tensor:
+        """Share of the last forward's routes (every gate of this rank) that capacity dropped: 0-dim, on the
+        device."""
+        gates = [gate for gate in self.gates if gate.dropped is not None]
+        if not gates:
+            return torch.zeros(())
+        return sum(gate.dropped for gate in gates).float() / max(sum(gate.routes for gate in gates), 1)
+
     def discard_routing_statistics(self) -> None:
         """Forget this forward's routing statistics (a skipped step): the MI buffers stay as they are."""
         for gate in self.gates:

@@ -5,7 +5,8 @@ The gate plugs into DeepSpeed's ``MOELayer`` in place of its ``TopKGate``: it is
 ``(l_aux, capacity, num_experts, indices, locations, gates, counts)`` (a :class:`Routes`, read by field name
 here and unpacked by position in DeepSpeed's ``MOELayer``), so DeepSpeed does the dispatch,
 the all-to-all and expert parallelism. Routes and capacity follow DeepSpeed's ``topkgating`` (its "probs" drop
-policy) in :func:`top_k_routes`, with ties broken by index; the gate values are Eq. 2's, not renormalised.
+policy; :func:`top_k_routes` is it in DeepSpeed's layout), with ties broken by index and the work done on the
+K x S routes (:func:`route`); the gate values are Eq. 2's, not renormalised.
 """
 from __future__ import annotations
 
@@ -26,40 +27,79 @@ DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
                  ep_group=None) -> tuple[Tensor, int | Tensor, Tensor, Tensor, Tensor]:
-    """DeepSpeed's ``topkgating(..., drop_policy="probs", sparse_routes=True)`` with every tie broken by index.
-
-    Each token takes the K experts of highest probability; with ``drop_tokens`` each expert keeps the
-    ``max(ceil(capacity_factor * K * S / E), min_capacity)`` of its tokens with the highest probability, else
-    capacity is the busiest expert's count (max over ``ep_group``). ``torch.topk`` leaves the order of equal
-    values to the kernel, so a token whose probabilities tie (fp16 inputs, identical padding tokens) could get
-    other experts, or lose its slot, depending on the rest of its batch; here the lower expert index and the
-    earlier token win, whatever else is in the batch, on every rank.
+    """DeepSpeed's ``topkgating(..., drop_policy="probs", sparse_routes=True)`` with every tie broken by index:
+    :func:`route` on ``softmax(logits)``, returned in DeepSpeed's layout.
 
     Returns ``(l_aux, capacity, indices, locations, counts)``: routes as (K, S) rows, highest gate first, with
-    index -1 for a dropped route (location 0); ``counts`` per expert before drops. With ``drop_tokens`` the
-    capacity is a Python int and every shape follows from the input's: no host sync. Without, it is a 0-dim
-    tensor (the busiest expert's count), which the caller reads to size its buffers.
+    index -1 for a dropped route (location 0); ``counts`` per expert before drops.
     """
-    probs = F.softmax(logits.float(), dim=1)
-    tokens, experts = probs.shape
-    top_idx = probs.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_idx, True)
-    counts = mask.sum(0)
-    l_aux = (probs.mean(0) * mask.float().mean(0)).mean() * experts * experts / k
-    if drop_tokens:
-        capacity = max(math.ceil(tokens / experts * capacity_factor * k), min_capacity)
-        routed = torch.where(mask, probs, torch.full_like(probs, -1.0))  # unrouted tokens rank last
-        kept = routed.sort(dim=0, descending=True, stable=True).indices[:min(capacity, tokens)]
-        mask &= torch.zeros_like(mask).scatter_(0, kept, True)
+    routing = route(F.softmax(logits.float(), dim=1), k, capacity_factor, min_capacity, drop_tokens, ep_group)
+    indices = torch.where(routing.kept, routing.experts, -1)
+    locations = routing.locations * routing.kept
+    return (routing.l_aux, routing.capacity, indices.t().contiguous().int(), locations.t().contiguous().int(),
+            routing.counts)
+
+
+class Routing(NamedTuple):
+    """The routes of S tokens, K each, token-major: (S, K) tensors, column 0 the highest probability."""
+    l_aux: Tensor  # GShard's balance loss
+    capacity: int | Tensor  # slots per expert
+    experts: Tensor  # (S, K) long: each route's expert (column of ``probs``)
+    kept: Tensor  # (S, K) bool: within capacity
+    locations: Tensor  # (S, K) long: a kept route's slot in its expert, in token order
+    counts: Tensor  # (E,) long: routes per expert before drops
+
+
+def route(probs: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
+          ep_group=None) -> Routing:
+    """Each token's K experts of highest probability; with ``drop_tokens`` each expert keeps the
+    ``max(ceil(capacity_factor * K * S / E), min_capacity)`` of its routes of highest probability, else the
+    capacity is the busiest expert's count (max over ``ep_group``; none: this rank's own).
+
+    The work is on the K x S routes, not on the (S, E) table: one stable sort of the routes by expert (by
+    expert then probability, and a second by expert, when routes are dropped) gives every route's rank in its
+    expert, from which follow the kept routes and their slots. Equal values go to the lower expert index and
+    the earlier token, whatever else is in the batch, on every rank (``torch.topk`` leaves their order to the
+    kernel). With ``drop_tokens`` the capacity is a Python int and every shape follows from the input's: no
+    host sync. Without, it is a 0-dim tensor, which the caller reads to size its buffers.
+    """
+    tokens, num_experts = probs.shape
+    if k == 1:  # argmax returns the first of equal maxima
+        experts = probs.argmax(dim=1, keepdim=True)
     else:
+        experts = probs.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    flat = experts.flatten()  # token-major: the earlier token first
+    counts = torch.zeros(num_experts, dtype=torch.long, device=probs.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    l_aux = (probs.mean(0) * (counts / tokens)).mean() * num_experts * num_experts / k
+    if not drop_tokens:
         capacity = counts.max()
-        if ep_group is not None:  # the experts' group (set by DeepSpeed's engine); none: this rank's own count
+        if ep_group is not None:  # the experts' group (set by DeepSpeed's engine)
             capacity = all_reduce_(capacity, "max", ep_group)
-    locations = torch.cumsum(mask, dim=0) - 1
-    route_kept = mask.gather(1, top_idx)
-    indices = torch.where(route_kept, top_idx, torch.full_like(top_idx, -1))
-    route_locations = locations.gather(1, top_idx) * route_kept
-    return (l_aux, capacity, indices.t().contiguous().int(), route_locations.t().contiguous().int(), counts)
+        locations = rank_in_group(flat, flat, exclusive_cumsum(counts))
+        return Routing(l_aux, capacity, experts, torch.ones_like(experts, dtype=torch.bool),
+                       locations.view_as(experts), counts)
+    capacity = max(math.ceil(tokens / num_experts * capacity_factor * k), min_capacity)
+    # Sorted by expert, then by probability, highest first: probabilities are >= 0, so their float32 bits
+    # (as int32) order like the values, and expert * 2^31 + (2^31 - 1 - bits) is one int64 key.
+    bits = probs.detach().gather(1, experts).flatten().view(torch.int32).long()
+    rank = rank_in_group(flat * 2 ** 31 + (2 ** 31 - 1 - bits), flat, exclusive_cumsum(counts))
+    kept = rank < capacity
+    group = torch.where(kept, flat, num_experts)  # dropped routes last, in a group of their own
+    locations = rank_in_group(group, group, exclusive_cumsum(F.pad(counts.clamp(max=capacity), (0, 1))))
+    return Routing(l_aux, capacity, experts, kept.view_as(experts), locations.view_as(experts), counts)
+
+
+def exclusive_cumsum(counts: Tensor) -> Tensor:
+    return counts.cumsum(0) - counts
+
+
+def rank_in_group(key: Tensor, group: Tensor, starts: Tensor) -> Tensor:
+    """Each element's rank among the elements of its ``group`` ordered by ``key`` (equal keys: earlier first);
+    ``key`` orders groups as ``group`` does and group g's ranks start after ``starts[g]`` elements."""
+    order = key.argsort(stable=True)
+    rank = torch.arange(len(key), device=key.device) - starts[group[order]]
+    return torch.empty_like(rank).scatter_(0, order, rank)
 
 
 class Routes(NamedTuple):
@@ -185,6 +225,8 @@ class PerDatasetGate(nn.Module):
         self.mi_momentum = mi_momentum
         self.context = context if context is not None else RoutingContext()
         self.ep_group = None
+        # "dropless": the layer reads no capacity in training, so none is exchanged (set by ``MoEMlp``)
+        self.dispatch = "capacity"
         self.routers = nn.ModuleDict({name: Router(dim, num_experts, router_hidden) for name in datasets})
         m = len(datasets)
         self.register_buffer("routing_joint", torch.full((m, num_experts), 1.0 / (m * num_experts)))
@@ -192,6 +234,7 @@ class PerDatasetGate(nn.Module):
         # and the dataset's mean routing distribution waiting to be folded into the buffer.
         self.losses: dict[str, Tensor] = {}
         self.counts: Optional[Tensor] = None
+        self.routes, self.dropped = 0, None  # routes of the last forward, and how many of them capacity dropped
         self.pending_usage: Optional[tuple[int, Tensor]] = None
         self._recorded_forward = -1
 
@@ -222,34 +265,41 @@ class PerDatasetGate(nn.Module):
         logits = clean
         if self.training and self.noise_std > 0:
             logits = clean + torch.randn_like(clean) * self.noise_std
-        # Routes and capacity over the logits that select an expert; positions are then mapped to experts.
+        probs = logits.softmax(dim=1)  # Eq. 2, over every logit
+        # Routes and capacity over the logits that select an expert (all of them but after pruning), their
+        # positions then mapped to experts.
         selectable = router.selectable()
         targets = router.choices[selectable]
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        drop = self.drop_tokens if self.training else self.eval_drop_tokens
-        l_aux, capacity, positions, locations, counts = top_k_routes(
-            logits[:, selectable], k, factor, self.min_capacity, drop, self.ep_group)
-        kept = positions >= 0
-        position = positions.long().clamp(min=0)
-        indices = torch.where(kept, targets[position], -1).to(positions.dtype)
-        probs = logits.softmax(dim=1)
-        gates = probs[:, selectable].t().gather(0, position) * kept
+        every = selectable.shape[0] == logits.shape[1]
+        eq2 = probs if every else probs[:, selectable]
+        training = self.training
+        routing = route(eq2 if every else logits[:, selectable].softmax(dim=1), k,
+                        self.capacity_factor if training else self.eval_capacity_factor, self.min_capacity,
+                        self.drop_tokens if training else self.eval_drop_tokens,
+                        None if training and self.dispatch == "dropless" else self.ep_group)
+        top_gates = eq2.gather(1, routing.experts)  # (S, K): G(x) of Eq. 2 on each token's K experts
+        gates = top_gates * routing.kept
         if self.renormalize:  # DeepSpeed's: the kept gates of each token sum to 1
-            gates = gates / gates.sum(0, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
-        self.counts = torch.zeros(self.num_experts, dtype=counts.dtype, device=counts.device).index_add_(
-            0, targets, counts)
-        if self.training:
-            self._router_losses(name, k, probs[:, selectable], targets, clean[:, selectable],
-                                logits[:, selectable], clean, l_aux)
-        return Routes(l_aux, capacity, self.num_experts, indices, locations, gates, self.counts)
+            gates = gates / gates.sum(1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+        indices = torch.where(routing.kept, targets[routing.experts], -1)
+        self.counts = torch.zeros(self.num_experts, dtype=routing.counts.dtype, device=x.device).index_add_(
+            0, targets, routing.counts)
+        self.routes = routing.experts.numel()
+        self.dropped = (routing.counts - routing.capacity).clamp(min=0).sum()
+        if training:
+            self._router_losses(name, k, top_gates, routing.experts, targets, selectable, clean, logits,
+                                routing.l_aux)
+        return Routes(routing.l_aux, routing.capacity, self.num_experts, indices.t().contiguous().int(),
+                      (routing.locations * routing.kept).t().contiguous().int(), gates.t().contiguous(), self.counts)
 
-    def _router_losses(self, name: str, k: int, probs: Tensor, targets: Tensor, clean: Tensor, logits: Tensor,
-                       all_clean: Tensor, l_aux: Tensor) -> None:
-        """Losses over the selectable logits (``probs``, ``clean``, ``logits``; ``targets`` their experts)."""
-        top_vals, top_idx = probs.topk(k, dim=1)
-        topk_gates = torch.zeros_like(probs).scatter(1, top_idx, top_vals)  # G(x) of Eq. 2
-        usage = torch.zeros(self.num_experts, dtype=probs.dtype, device=probs.device).index_add(
-            0, targets, topk_gates.mean(0))
+    def _router_losses(self, name: str, k: int, top_gates: Tensor, top_idx: Tensor, targets: Tensor,
+                       selectable: Tensor, clean: Tensor, logits: Tensor, l_aux: Tensor) -> None:
+        """The router losses of this forward from the routes: ``top_gates`` (S, K), Eq. 2's values at the
+        selectable logits ``top_idx``, whose experts are ``targets``."""
+        gate_sums = torch.zeros(len(targets), dtype=top_gates.dtype, device=top_gates.device).index_add(
+            0, top_idx.flatten(), top_gates.flatten())  # G(x) of Eq. 2 summed over the tokens, per logit
+        usage = torch.zeros(self.num_experts, dtype=top_gates.dtype, device=top_gates.device).index_add(
+            0, targets, gate_sums)
         usage = usage / usage.sum().clamp(min=1e-9)  # P(E | D_i)
         row = self.dataset_index(name)
         losses = {}
@@ -260,11 +310,11 @@ class PerDatasetGate(nn.Module):
         if "gshard" in self.loss_coefs:
             losses["gshard"] = l_aux
         if "importance" in self.loss_coefs:
-            losses["importance"] = L.importance_loss(topk_gates)
+            losses["importance"] = L.importance_loss(gate_sums)
         if "load" in self.loss_coefs:
-            losses["load"] = L.load_loss(clean, logits, self.noise_std, k)
+            losses["load"] = L.load_loss(clean[:, selectable], logits[:, selectable], self.noise_std, k)
         if "zloss" in self.loss_coefs:
-            losses["zloss"] = L.z_loss(all_clean)
+            losses["zloss"] = L.z_loss(clean)
         self.losses = losses
         if self._recorded_forward != self.context.forward_id:
             self._recorded_forward = self.context.forward_id

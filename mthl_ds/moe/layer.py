@@ -50,6 +50,7 @@ class MoEMlp(MoE):
         super().__init__(hidden_size=dim, expert=Mlp(dim, hidden, act_layer=act_layer), num_experts=num_experts,
                          ep_size=ep_size, k=1)
         self.deepspeed_moe.gate = gate  # replaces DeepSpeed's TopKGate
+        gate.dispatch = dispatch
         self.dim, self.hidden, self.act_layer, self.dispatch = dim, hidden, act_layer, dispatch
         self.adapter: Optional[Adapter] = None  # the adapter baseline (Houlsby et al.), added by surgery
 
@@ -125,17 +126,18 @@ class MoEMlp(MoE):
         return out if self.adapter is None else out + self.adapter(out)
 
     def forward_dropless(self, tokens: Tensor, routes: Routes) -> Tensor:
-        """Every route, none dropped: routes sorted by expert, each expert run on exactly its rows
-        (:func:`grouped.run_groups`), the outputs weighted by their gates and added back onto their tokens.
+        """Every route, none dropped: routes in expert order (from the gate's slots, no sort), each expert run on
+        exactly its rows (:func:`grouped.run_groups`), the outputs weighted by their gates and added back onto
+        their tokens.
         Across expert-parallel ranks the per-expert counts are exchanged first, then the rows, in pieces of
         those sizes (nothing padded); the counts are read on the host once per call to size the exchange."""
         moe = self.deepspeed_moe
-        count = tokens.shape[0]
-        expert = routes.indices.flatten().long()  # (K * S,): route k of token s at k * S + s
-        order = expert.argsort(stable=True)
-        source = torch.arange(count, device=tokens.device).repeat(routes.indices.shape[0])[order]
-        rows = tokens.index_select(0, source)
         counts = routes.counts  # this rank's routes per expert; none is dropped here
+        # a route's row in expert order: its expert's first row plus its slot (its rank there, in token order)
+        row = ((counts.cumsum(0) - counts)[routes.indices.long()] + routes.locations).flatten()
+        order = torch.empty_like(row).scatter_(0, row, torch.arange(len(row), device=row.device))
+        source = order % tokens.shape[0]  # route k of token s is route k * S + s
+        rows = tokens.index_select(0, source)
         if moe.ep_size > 1:
             local = self.num_local_experts
             received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]

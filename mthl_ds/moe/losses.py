@@ -42,9 +42,9 @@ def cv_squared(values: Tensor) -> Tensor:
     return values.float().var() / (values.float().mean() ** 2 + 1e-10)
 
 
-def importance_loss(gates: Tensor) -> Tensor:
-    """CV² of the summed gate values per expert. ``gates``: (S, E) top-K gate values."""
-    return cv_squared(gates.sum(0))
+def importance_loss(gate_sums: Tensor) -> Tensor:
+    """CV² of the summed gate values per expert. ``gate_sums``: (E,) top-K gate values summed over the tokens."""
+    return cv_squared(gate_sums)
 
 
 def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int) -> Tensor:

@@ -5,7 +5,8 @@ forward plus backward of:
 - ``capacity``: our layer with the paper's dispatch (capacity factor 1.0, overflow dropped);
 - ``dropless``: our layer sorting the routes by expert, no route dropped (``mthl_ds.moe.grouped``'s backend);
 - ``deepspeed``: DeepSpeed's own ``MoE`` layer (its ``TopKGate`` and ``MOELayer``, capacity factor 1.0);
-- ``dense``: the FLOPs-matched dense MLP (hidden 4 d; the experts' hidden is 4 d / K), the baseline.
+- ``dense``: the FLOPs-matched dense MLP (hidden 4 d; the experts' hidden is 4 d / K), the baseline;
+- ``gate``: the capacity layer's gate alone (routes, capacity slots and the MI loss), its share of the layer.
 
 E = 12 experts, K = 4, as the paper. Inputs are random, so routing is near uniform and the routes dropped by the
 capacity layers are those of a balanced router (a trained one drops more). On the CPU the token counts are
@@ -54,6 +55,13 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, first_output: bool = False
     return step
 
 
+def gate_fwd_bwd(gate: PerDatasetGate, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        gate.zero_grad(set_to_none=True)
+        (gate(x).gates.float().sum() + gate.weighted_loss()).backward()
+    return step
+
+
 def dropped_share(counts: torch.Tensor, tokens: int) -> float:
     """Share of the K x S routes over capacity (capacity factor 1.0, min capacity 4)."""
     capacity = max(math.ceil(tokens / EXPERTS * TOP_K), 4)
@@ -68,6 +76,7 @@ def shape_rows(dataset: str, width: int, tokens: int, dtype: torch.dtype, device
     for layer in layers.values():
         layer.to(device=device, dtype=dtype).train()
     steps = {name: fwd_bwd(layer, x, first_output=name == "deepspeed") for name, layer in layers.items()}
+    steps["gate"] = gate_fwd_bwd(layers["capacity"].gate, x)
     flops = {name: count_flops(step) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(repeats + 1):  # the first round warms up
@@ -80,11 +89,11 @@ def shape_rows(dataset: str, width: int, tokens: int, dtype: torch.dtype, device
         deepspeed_counts = layers["deepspeed"](x)[2]
     dropped = {"capacity": dropped_share(layers["capacity"].gate.counts, tokens), "dropless": 0.0,
                "deepspeed": dropped_share(deepspeed_counts, tokens)}
-    note = {"dropless": f"experts: {backend(x.device, dtype)}", "dense": "baseline"}
+    note = {"dropless": f"experts: {backend(x.device, dtype)}", "dense": "baseline", "gate": "the capacity gate"}
     return [{"dataset": dataset, "width": width, "tokens": f"{tokens} (x{scale:g})" if scale != 1 else tokens,
              "candidate": name, "ms": round(1e3 * statistics.median(times[name]), 2), "ratio": round(ratios[name], 3),
              "flops_ratio": round(flops[name] / flops["dense"], 3),
-             "dropped": "" if name == "dense" else f"{100 * dropped[name]:.1f}%", "note": note.get(name, "")}
+             "dropped": f"{100 * dropped[name]:.1f}%" if name in dropped else "", "note": note.get(name, "")}
             for name in steps]
 
 
