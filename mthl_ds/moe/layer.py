@@ -12,7 +12,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from mthl_ds.moe.gate import PerDatasetGate, Routes
+from mthl_ds.moe.gate import PerDatasetGate, Routes, exclusive_cumsum
 from mthl_ds.moe.grouped import run_groups
 from mthl_ds.runtime.collectives import all_to_all_equal, all_to_all_rows
 
@@ -134,7 +134,7 @@ class MoEMlp(MoE):
         moe = self.deepspeed_moe
         counts = routes.counts  # this rank's routes per expert; none is dropped here
         # a route's row in expert order: its expert's first row plus its slot (its rank there, in token order)
-        row = ((counts.cumsum(0) - counts)[routes.indices.long()] + routes.locations).flatten()
+        row = (exclusive_cumsum(counts)[routes.indices.long()] + routes.locations).flatten()
         order = torch.empty_like(row).scatter_(0, row, torch.arange(len(row), device=row.device))
         source = order % tokens.shape[0]  # route k of token s is route k * S + s
         rows = tokens.index_select(0, source)
