@@ -75,11 +75,15 @@ def test_moe_bench_rows_compare_the_four_layers_and_the_gate_at_each_stage_width
             assert 0 < r["flops_ratio"] < 0.5 and r["dropped"] == "", r
 
 
-def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision():
-    """The demo recipe at its own batches, one round: per dataset and precision a row for MTHL capacity, MTHL
-    dropless and MTHL.D, with the FLOPs ratio of twins (about 1) and only the capacity model dropping routes."""
-    from mthl_ds.studies.bench.step import CANDIDATES, run
-    rows = run("demo", ("fp32", "bf16"), repeats=1, batches={}, progress=lambda row: None)
+def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
+    """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity,
+    MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1) and only the capacity model dropping routes."""
+    from mthl_ds.cli import main
+    from mthl_ds.studies.bench.step import CANDIDATES
+    assert main(["bench", "step", "--recipe", "demo", "--precisions", "fp32,bf16", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_step.json").read_text())
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == len(rows)
     assert [(r["precision"], r["dataset"], r["candidate"]) for r in rows] == [
         (p, d, c) for p in ("fp32", "bf16") for d in ("imagenet", "coco", "ade20k") for c in CANDIDATES]
     for r in rows:
