@@ -1,5 +1,5 @@
 # `make demo` and `make test` do all set-up on a fresh machine: a virtual environment (.venv, unless one is
-# active), the package with its test extra, then the job. Re-installs only when setup.py changes.
+# active), the package with its test and oracle extras, then the job. Re-installs only when setup.py changes.
 ifdef VIRTUAL_ENV
 VENV := $(VIRTUAL_ENV)
 else
@@ -15,7 +15,7 @@ $(BIN)/python:
 	python3 -m venv $(VENV)
 
 $(STAMP): setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,oracle]"
 	touch $(STAMP)
 
 install: $(STAMP)

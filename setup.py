@@ -25,6 +25,12 @@ setup(
         "scipy>=1.11",  # torchvision StanfordCars reads the devkit .mat files with it
         "xxhash>=3.4",  # checkpoint manifests and export checksums (mthl_ds.artifacts.manifest)
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # mmdet's and mmseg's own RetinaNet and UperNet parts, which tests/test_oracle.py compares ours with;
+        # mmseg's utils import ftfy and regex. mmcv-lite has no compiled ops: the tests stand one in (nms).
+        "oracle": ["mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy>=6",
+                   "regex>=2023"],
+    },
     entry_points={"console_scripts": ["mthl-ds=mthl_ds.cli:main"]},
 )

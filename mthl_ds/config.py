@@ -91,6 +91,9 @@ class DatasetConfig:
     aux_weight: float = 0.4  # segmentation: FCN auxiliary head loss weight (0: no auxiliary head)
     crop_scale: tuple[float, ...] = (0.08, 1.0)  # classification: RandomResizedCrop area range
     head_channels: int = 0  # 0: the mmdet/mmseg width (RetinaNet FPN 256, UperNet 512); the demo uses less
+    # detection: RetinaNet's parameters as mmdet lays them out; "torchvision": as this package built them before
+    # (no feature norms, P6 from P5), which stored recipes without this key are read as (config.recipe_from_dict)
+    head_layout: Literal["openmmlab", "torchvision"] = "openmmlab"
 
 
 @dataclass
@@ -370,10 +373,14 @@ def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Reci
 
 def recipe_from_dict(raw: dict, where: str) -> Recipe:
     """A recipe stored as a dict (a checkpoint's or an export's), checked as a recipe file is. Its
-    ``model.init_from`` is cleared: the weights are where the recipe is stored, the file may be long gone."""
+    ``model.init_from`` is cleared: the weights are where the recipe is stored, the file may be long gone. A
+    dataset without ``head_layout`` was stored before the key existed: its heads are ``"torchvision"``'s."""
     raw = dict(raw)
     if isinstance(raw.get("model"), dict):
         raw["model"] = {**raw["model"], "init_from": None}
+    if isinstance(raw.get("datasets"), dict):  # a stored recipe has every key: one without it predates it
+        raw["datasets"] = {name: {"head_layout": "torchvision", **d} if isinstance(d, dict) else d
+                           for name, d in raw["datasets"].items()}
     try:
         recipe = _coerce(raw, Recipe, "")
         validate(recipe)

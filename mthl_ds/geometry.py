@@ -43,6 +43,19 @@ def padded(size: Sequence[int]) -> tuple[int, int]:
     return tuple(math.ceil(s / STRIDE) * STRIDE for s in size)
 
 
+def resized_extent(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The (h, w) an image of (height, width) takes once resized by ``scale`` into its input: the part of the
+    canvas or crop that holds the image, the rest being padding. Rounded half up, as mmcv's ``rescale_size``."""
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def axis_scales(height: int, width: int, scale: float) -> tuple[float, float]:
+    """(x, y) factors from an image's pixels to its resized extent's: each side's whole-pixel size over its own,
+    as mmdet's ``Resize(keep_ratio=True)`` scales boxes (``scale`` itself is neither, once the sides are rounded)."""
+    new_h, new_w = resized_extent(height, width, scale)
+    return new_w / width, new_h / height
+
+
 CANVAS_TASKS = frozenset({"detection"})  # task kinds whose input is a padded canvas, not a crop
 
 

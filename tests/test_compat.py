@@ -32,3 +32,26 @@ def test_an_export_written_before_the_layers_loads_and_predicts_as_it_did():
         model.set_dataset(name)
         with torch.no_grad():
             model(torch.randn(1, 3, 128, 128))
+
+
+def test_head_layout_torchvision_builds_the_heads_of_files_written_before_the_openmmlab_heads():
+    """``datasets.*.head_layout``: "openmmlab" (a recipe's default) normalises each stage feature the detection
+    head takes and builds RetinaNet's P6 from the last stage; "torchvision" builds neither, as the head was before,
+    and a stored recipe without the key (the export above, or any written before it) is read as "torchvision"."""
+    from mthl_ds.build import build_model
+    from mthl_ds.config import load_recipe, recipe_from_dict, recipe_to_dict
+    overrides = ["datasets.coco.head_channels=16", "datasets.ade20k.head_channels=16"]
+    layouts = {}
+    for layout in ("openmmlab", "torchvision"):
+        model = build_model(load_recipe("demo", [*overrides, f"datasets.coco.head_layout={layout}"]))
+        coco = model.heads["coco"]
+        layouts[layout] = (coco.fpn.extra_blocks.p6.weight.shape[1], coco.norms is None)
+    last_stage = model.backbone.stage_channels[-1]
+    assert layouts == {"openmmlab": (last_stage, False), "torchvision": (16, True)}
+    stored = recipe_to_dict(load_recipe("demo", overrides))
+    assert {d.head_layout for d in recipe_from_dict(stored, "x").datasets.values()} == {"openmmlab"}
+    for d in stored["datasets"].values():
+        del d["head_layout"]
+    assert {d.head_layout for d in recipe_from_dict(stored, "x").datasets.values()} == {"torchvision"}
+    assert {d.head_layout for d in recipe_from_dict(read_metadata(EXPORT)["built_from"], "x").datasets.values()} == {
+        "torchvision"}

@@ -18,6 +18,7 @@ from mthl_ds.data.pipelines import IGNORE_INDEX, DatasetLoader, PipelineConfig, 
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
+from mthl_ds.geometry import MEAN, STD
 from mthl_ds.studies.synth import write_world
 
 
@@ -345,3 +346,33 @@ def test_real_size_data_benchmark_gives_workers_per_gpu():
         assert r["workers_per_gpu"] == math.ceil(r["images_per_s_needed"] / r["images_per_s_per_worker"]) >= 1
     assert rows["classification"]["images_per_s_needed"] == pytest.approx(
         64 / rows["classification"]["v100_step_s"], rel=1e-2)
+
+
+def test_segmentation_training_redraws_one_class_crops_and_distorts_colours_as_mmseg():
+    """The segmentation training decoder crops as mmseg's ``RandomCrop(cat_max_ratio=0.75)`` (a crop one class
+    covers 75% of is drawn again: on a map 90% one class, most 32 x 32 crops hold two classes, where one drawn
+    once would mostly not) and distorts colours as ``PhotoMetricDistortion`` (most images leave the flat grey
+    they were), the mask still aligned with the image (the one class-2 patch stays where its pixels are)."""
+    height, width = 96, 128
+    mask = np.full((height, width), 1, np.uint8)  # stored k + 1 (ADE20K): class 0 almost everywhere
+    mask[40:70, 90:120] = 2
+    image = np.full((height, width, 3), 128, np.uint8)
+    image[40:70, 90:120] = (250, 20, 20)
+    buffers = [io.BytesIO(), io.BytesIO()]
+    Image.fromarray(image).save(buffers[0], format="PNG")
+    Image.fromarray(mask).save(buffers[1], format="PNG")
+    sample = {"img.png": buffers[0].getvalue(), "png": buffers[1].getvalue(), "json": b"{}"}
+    decode = make_decoder(PipelineConfig("segmentation", (32, 32), scale_range=(3.0, 3.0)), train=True)
+    undistorted = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    rng = np.random.default_rng(0)
+    two_classes = distorted = 0
+    for _ in range(40):
+        item = decode(sample, rng)
+        classes = set(item["mask"].unique().tolist()) - {IGNORE_INDEX}
+        two_classes += classes == {0, 1}
+        grey = item["image"][:, item["mask"] == 0]  # normalised: 128 / 255 per channel if undistorted
+        distorted += bool((grey.mean(dim=1) - undistorted).abs().max() > 0.1 or grey.std(dim=1).max() > 0.05)
+        if classes == {0, 1}:  # the patch's pixels are the red ones
+            red = item["image"][0] - item["image"][1]
+            assert red[item["mask"] == 1].mean() > red[item["mask"] == 0].mean() + 0.25
+    assert two_classes >= 30 and distorted >= 20

@@ -79,14 +79,37 @@ def test_detection_canvas_landscape_as_mmdet_and_portrait_fitted_to_its_height()
     landscape = decode(detection_sample(640, 480, [[10.0, 20.0, 100.0, 50.0]]), None)
     assert landscape["image"].shape == (3, 800, 1344)
     assert landscape["scale"] == pytest.approx(800 / 480)  # mmdet: min(1333 / 640, 800 / 480), then pad
-    assert landscape["boxes"][0].tolist() == pytest.approx([10 * 800 / 480, 20 * 800 / 480, 110 * 800 / 480,
-                                                            70 * 800 / 480])
+    x, y = 1067 / 640, 800 / 480  # mmdet's scale_factor: 640 x 480 -> 1067 x 800 px, each axis its own
+    assert landscape["boxes"][0].tolist() == pytest.approx([10 * x, 20 * y, 110 * x, 70 * y])
     portrait = decode(detection_sample(480, 640, [[0.0, 600.0, 480.0, 40.0]]), None)
     assert portrait["image"].shape == (3, 800, 1344)
     assert portrait["scale"] == pytest.approx(800 / 640)  # fitted to the canvas height (mmdet: 800 / 480)
     assert portrait["boxes"][0, 3].item() == pytest.approx(800)  # the box reaching the bottom edge stays inside
     image = portrait["image"]
     assert image[:, :, 600:].abs().sum() == 0 and image[:, :, :600].abs().sum() > 0  # padded right of 600 px
+
+
+def test_training_boxes_are_filtered_and_clipped_as_mmdets_coco_pipeline():
+    """Training learns no crowd box, none under 1 px wide or high, none of area 0 (mmdet's ``CocoDataset``), and
+    clips a box crossing the image's edge to the resized image (``clip_object_border``), not the canvas;
+    evaluation keeps every box as it is. An image with a side under 32 px is not trained on (``min_size=32``)."""
+    boxes = [[600.0, 10.0, 100.0, 50.0], [10.0, 10.0, 0.5, 30.0], [20.0, 20.0, 30.0, 30.0], [40.0, 40.0, 10.0, 10.0],
+             [50.0, 50.0, 20.0, 20.0]]
+    sample = detection_sample(640, 480, boxes)
+    meta = json.loads(sample["json"])
+    meta.update(iscrowd=[0, 0, 1, 0, 0], areas=[5000.0, 15.0, 900.0, 0.0, 400.0], labels=[0, 1, 2, 3, 4])
+    sample["json"] = json.dumps(meta).encode()
+    train = detection_decoder(PipelineConfig("detection", (800, 1333)), train=True)
+    rng = np.random.default_rng(1)
+    while (item := train(sample, rng))["boxes"][0, 0] < 500:  # until a draw without the flip
+        pass
+    x, y = 1067 / 640, 800 / 480
+    assert item["labels"].tolist() == [0, 4]
+    torch.testing.assert_close(item["boxes"], torch.tensor([[600 * x, 10 * y, 1067, 60 * y],
+                                                            [50 * x, 50 * y, 70 * x, 70 * y]]))
+    evaluated = detection_decoder(PipelineConfig("detection", (800, 1333)), train=False)(sample, None)
+    assert len(evaluated["boxes"]) == 5 and evaluated["boxes"][0, 2] == pytest.approx(700 * x)
+    assert train(detection_sample(640, 31, [[1.0, 1.0, 10.0, 10.0]]), rng) is None
 
 
 def test_anchors_sit_at_mmdet_strides_and_equal_torchvision_where_its_strides_are_right():

@@ -18,11 +18,26 @@ from mthl_ds.tasks import task_spec
 CHANNELS = [16, 32, 64, 128]
 
 
+def max_iou_assign(iou):
+    """mmdet 3.3.0's ``MaxIoUAssigner.assign_wrt_overlaps`` (pos 0.5, neg 0.4, min_pos_iou 0,
+    gt_max_assign_all) on one image's (G, N) IoUs, its loop as written there, in the matcher's code: box index,
+    -1 background, -2 ignored."""
+    matched = torch.full((iou.shape[1],), -2, dtype=torch.long)
+    best, argmax = iou.max(dim=0)
+    matched[(best >= 0) & (best < 0.4)] = -1
+    matched[best >= 0.5] = argmax[best >= 0.5]
+    for i, highest in enumerate(iou.max(dim=1).values):
+        if highest >= 0:
+            matched[iou[i] == highest] = i
+    return matched
+
+
 def reference_loss(head, output, batch, reduce_mean=None):
     """``RetinaNetDetectionHead.loss`` as it was before it took static shapes (commit 1f57bbc), verbatim but for
-    its anchors, built here on the CPU as it built them: per image, boolean-mask indexing, torchvision's
-    ``Matcher`` and ``BoxCoder``, a Python count of positives."""
-    matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    its anchors, built here on the CPU as it built them, and its matcher, now mmdet's (:func:`max_iou_assign`):
+    per image, boolean-mask indexing, torchvision's ``BoxCoder``, a Python count of positives."""
+    matcher = max_iou_assign
+    box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     anchors = torch.cat([level_anchors(retina_cell_anchors(s), s, *p.shape[-2:]).to(p.device)
                          for s, p in zip(head.strides, output["pyramid"])])
     cls_logits, deltas = output["cls_logits"].float(), output["bbox_regression"].float()
@@ -37,7 +52,7 @@ def reference_loss(head, output, batch, reduce_mean=None):
         target[foreground, labels[matched[foreground]]] = 1.0
         scored = matched != det_utils.Matcher.BETWEEN_THRESHOLDS
         focal = focal + sigmoid_focal_loss(logits[scored], target[scored], reduction="sum")
-        targets = head.box_coder.encode_single(boxes[matched[foreground]], anchors[foreground])
+        targets = box_coder.encode_single(boxes[matched[foreground]], anchors[foreground])
         l1 = l1 + F.l1_loss(regression[foreground], targets, reduction="sum")
         positives += max(int(foreground.sum()), 1)
     count = torch.tensor(float(positives))
@@ -71,12 +86,14 @@ def random_detection_batch(seed: int, num_classes: int = 4, height: int = 128, w
     return output, {"image": torch.zeros(5, 3, height, width), "boxes": images, "labels": labels}
 
 
-def test_static_matching_equals_torchvision_matcher():
-    """Every image's matches (gt index, -1 below 0.4, -2 between 0.4 and 0.5, low-quality matches with ties)
-    equal torchvision's ``Matcher``'s exactly; a batch covers every case of the matcher."""
+def test_static_matching_equals_mmdets_max_iou_assigner():
+    """Every image's matches (gt index, -1 below 0.4, -2 between 0.4 and 0.5, each box's best anchors with ties)
+    equal mmdet's ``MaxIoUAssigner`` loop exactly; a batch covers every case of the assigner, and some anchors
+    go to another box than torchvision's ``Matcher`` gives them."""
     head = RetinaNetDetectionHead(CHANNELS, 4, 32)
-    matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
-    seen = set()
+    matcher = max_iou_assign
+    torchvision_matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    seen, moved = set(), 0
     for seed in range(3):
         output, batch = random_detection_batch(seed)
         anchors = head.all_anchors(output["pyramid"])
@@ -86,7 +103,10 @@ def test_static_matching_equals_torchvision_matcher():
             theirs = matcher(box_iou(image_boxes, anchors)) if len(image_boxes) else torch.full_like(ours, -1)
             assert torch.equal(ours, theirs)
             seen |= set(theirs.clamp(max=0).tolist())
+            if len(image_boxes):
+                moved += int((torchvision_matcher(box_iou(image_boxes, anchors)) != ours).sum())
     assert seen == {-2, -1, 0}  # ignored, background and positive anchors all occur
+    assert moved > 0
 
 
 @pytest.mark.parametrize("seed", range(4))

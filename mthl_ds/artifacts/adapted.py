@@ -91,7 +91,8 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
     for name, d in recipe.datasets.items():
         if name not in model.heads:
             rules.append({"op": "add_dataset", "name": name, "task": d.task, "num_classes": d.num_classes,
-                          "top_k": d.top_k or default_k, "aux_weight": d.aux_weight, "head_channels": d.head_channels})
+                          "top_k": d.top_k or default_k, "aux_weight": d.aux_weight, "head_channels": d.head_channels,
+                          "head_layout": d.head_layout})
         elif model.tasks[name] != d.task:
             raise ConfigError(
                 f"datasets.{name}: task {d.task!r}, but the exported model's {name!r} is {model.tasks[name]!r}")

@@ -4,8 +4,9 @@ place (vmoe's checkpoint surgery). Each rule is a JSON-able dict; a model record
 source model before the weights are loaded. Rules run on the single-device model (ep_size 1);
 :func:`shard_experts` then cuts it for expert parallelism.
 
-    {"op": "add_dataset", "name", "task", "num_classes", "top_k", "aux_weight", "head_channels"}
-        a router in every MoE layer and MoE attention layer (a new row of B(D, E)) and a head
+    {"op": "add_dataset", "name", "task", "num_classes", "top_k", "aux_weight", "head_channels", "head_layout"}
+        a router in every MoE layer and MoE attention layer (a new row of B(D, E)) and a head (a rule without
+        head_layout was written before it: "torchvision")
     {"op": "drop_dataset", "name"}     its routers and head go; its row of B(D, E) stays for the MI loss
     {"op": "set_top_k", "name", "k"}
     {"op": "keep_experts", "kept": [[...] per MoE layer]}   pruning: routers are re-indexed
@@ -47,14 +48,15 @@ def apply(model: MTHLModel, rules: Iterable[dict]) -> MTHLModel:
 
 
 def add_dataset(model: MTHLModel, name: str, task: str, num_classes: int, top_k: int, aux_weight: float = 0.4,
-                head_channels: int = 0) -> None:
+                head_channels: int = 0, head_layout: str = "torchvision") -> None:
     if name in model.heads:
         raise ValueError(f"the model already has a dataset {name!r}")
     for layer in model.backbone.moe_layers:
         layer.gate.add_router(name, top_k)
     for layer in model.backbone.attention_layers:  # MoE attention keeps its own K
         layer.gate.add_router(name, model.built_from["model"]["moe"]["attention"]["top_k"])
-    dataset = DatasetConfig(task, num_classes=num_classes, aux_weight=aux_weight, head_channels=head_channels)
+    dataset = DatasetConfig(task, num_classes=num_classes, aux_weight=aux_weight, head_channels=head_channels,
+                            head_layout=head_layout)
     model.heads[name] = task_spec(task).build_head(model.backbone.stage_channels, dataset)
     model.tasks[name] = task
     model.backbone.datasets.append(name)

@@ -9,6 +9,8 @@
   are taken as 0-1 and clipped there; grey, 1-bit, palette, CMYK and YCbCr are converted by PIL; an alpha
   channel (``LA``, ``RGBA``, ``PA``, palette transparency) is dropped, as ``imread`` drops it. Any other mode
   is refused, naming the file and the mode.
+
+And the 8-bit HSV of OpenCV, which mmseg's photometric distortion works in (``data/pipelines.py``).
 """
 from __future__ import annotations
 
@@ -103,3 +105,32 @@ def displayed_size(data: bytes, name: Union[str, Path] = "image") -> tuple[int, 
     """(width, height) of the image in ``data`` as this reader produces it, after checking that it decodes fully
     and that its mode is supported."""
     return rgb_from_bytes(data, name).size
+
+
+def rgb_to_hsv(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> HSV as OpenCV's 8-bit conversion lays it out (H in [0, 180), S and V in [0, 255]),
+    computed in float32 and rounded (OpenCV computes in fixed point: a level apart at most)."""
+    rgb = img.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v, low = rgb.max(-1), rgb.min(-1)
+    diff = v - low
+    s = np.where(v > 0, diff * 255 / np.maximum(v, 1), 0)
+    safe = np.maximum(diff, 1e-6)
+    h = np.where(v == r, (g - b) * 60 / safe, np.where(v == g, 120 + (b - r) * 60 / safe, 240 + (r - g) * 60 / safe))
+    h = np.where(diff == 0, 0, np.where(h < 0, h + 360, h))
+    return np.stack([np.round(h / 2) % 180, np.round(s), v], axis=-1).astype(np.uint8)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`rgb_to_hsv`: OpenCV's 8-bit HSV -> RGB (its float formula, rounded: within a level of
+    OpenCV's)."""
+    h = hsv[..., 0].astype(np.float32) * (6 / 180)
+    s, v = hsv[..., 1].astype(np.float32) / 255, hsv[..., 2].astype(np.float32) / 255
+    sector = np.floor(h)
+    f = h - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sector = sector.astype(np.int64) % 6
+    r = np.choose(sector, [v, q, p, p, t, v])
+    g = np.choose(sector, [t, v, v, q, p, p])
+    b = np.choose(sector, [p, p, t, v, v, q])
+    return np.clip(np.round(np.stack([r, g, b], axis=-1) * 255), 0, 255).astype(np.uint8)

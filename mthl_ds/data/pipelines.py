@@ -20,10 +20,10 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from mthl_ds import geometry
-from mthl_ds.data.images import rgb_from_bytes
+from mthl_ds.data.images import hsv_to_rgb, rgb_from_bytes, rgb_to_hsv
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
 from mthl_ds.data.shards import MaskLabels
-from mthl_ds.geometry import IGNORE_INDEX, padded
+from mthl_ds.geometry import IGNORE_INDEX, axis_scales, padded, resized_extent
 
 MEAN = torch.tensor(geometry.MEAN).view(3, 1, 1)
 STD = torch.tensor(geometry.STD).view(3, 1, 1)
@@ -115,17 +115,20 @@ def fit_and_pad(img: Image.Image, size: tuple[int, int], resample,
     h, w = size
     canvas_h, canvas_w = canvas or size
     scale = min(h / img.height, w / img.width)
-    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    tensor = to_normalized(img.resize(new, resample))
-    return F.pad(tensor, (0, canvas_w - new[0], 0, canvas_h - new[1])), scale
+    new_h, new_w = resized_extent(img.height, img.width, scale)
+    tensor = to_normalized(img.resize((new_w, new_h), resample))
+    return F.pad(tensor, (0, canvas_w - new_w, 0, canvas_h - new_h)), scale
 
 
 def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
-    """Training skips images without annotations (mmdet's ``filter_empty_gt``; crowd-only images stay, with no
-    box to learn). Flip with boxes (train), resize keeping aspect to fit ``size`` (mmdet's
-    ``Resize(keep_ratio=True)``), pad to the canvas, ``size`` padded up to a multiple of 32 (mmdet's
-    ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x 1344). Boxes become xyxy in canvas pixels; crowd boxes are
-    dropped for training and kept (flagged) for evaluation.
+    """Training skips images without annotations and those with a side under 32 px (mmdet's COCO
+    ``filter_cfg=dict(filter_empty_gt=True, min_size=32)``; crowd-only images stay, with no box to learn), and
+    learns no crowd box nor one under 1 px wide or high or of area 0 (mmdet's ``CocoDataset``). Flip with boxes
+    (train), resize keeping aspect to fit ``size`` (mmdet's ``Resize(keep_ratio=True)``), pad to the canvas,
+    ``size`` padded up to a multiple of 32 (mmdet's ``Pad(size_divisor=32)``: 800 x 1333 -> 800 x 1344). Boxes
+    become xyxy in canvas pixels, each axis scaled by its side's whole-pixel resize (mmdet's ``scale_factor``),
+    those for training clipped to the resized image (``clip_object_border``);
+    evaluation keeps every box (crowd ones flagged): COCO's evaluation reads them all.
 
     Portrait images: mmdet fits the long side to 1333 and the short side to 800 whatever the orientation, and
     groups each batch by orientation, so a 480 x 640 (w x h) image becomes 800 x 1067. Here every image of a
@@ -137,20 +140,27 @@ def detection_decoder(cfg: PipelineConfig, train: bool) -> Callable:
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> Optional[dict]:
         meta = json.loads(sample["json"])
-        if train and not meta["boxes"]:
-            return None  # mmdet's filter_empty_gt: an image without annotations is not trained on
+        if train and (not meta["boxes"] or min(meta["height"], meta["width"]) < 32):
+            return None  # mmdet's filter_empty_gt and min_size: not trained on
         img = open_rgb(sample)
         boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor(meta["labels"], dtype=torch.long)
-        crowd = torch.tensor(meta["iscrowd"], dtype=torch.bool)
         if train:
-            boxes, labels = boxes[~crowd], labels[~crowd]
-            if rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-                boxes = torch.stack([img.width - boxes[:, 2], boxes[:, 1], img.width - boxes[:, 0], boxes[:, 3]], 1)
+            areas = torch.tensor(meta["areas"]).reshape(-1) if "areas" in meta else boxes[:, 2] * boxes[:, 3]
+            learnt = ((boxes[:, 2] >= 1) & (boxes[:, 3] >= 1) & (areas > 0)
+                      & ~torch.tensor(meta["iscrowd"], dtype=torch.bool))
+            boxes, labels = boxes[learnt], labels[learnt]
+        boxes[:, 2:] += boxes[:, :2]
+        if train and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = torch.stack([img.width - boxes[:, 2], boxes[:, 1], img.width - boxes[:, 0], boxes[:, 3]], 1)
         image, scale = preprocess(img)  # the same fit and pad in training
-        return {"image": image, "boxes": boxes * scale, "labels": labels, "image_id": meta["image_id"],
+        boxes = boxes * torch.tensor(axis_scales(img.height, img.width, scale) * 2)
+        if train:
+            height, width = resized_extent(img.height, img.width, scale)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": meta["image_id"],
                 "scale": scale, "orig_size": (meta["height"], meta["width"])}
     return decode
 
@@ -166,9 +176,57 @@ def mask_classes(mask: np.ndarray, labels: MaskLabels) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def photometric_distortion(rng, img: np.ndarray) -> np.ndarray:
+    """mmseg's ``PhotoMetricDistortion`` (its defaults), draw for draw, on an (H, W, 3) uint8 RGB image: each with
+    probability 1/2, brightness + U(-32, 32), contrast x U(0.5, 1.5) (first or last, at random), saturation x
+    U(0.5, 1.5), hue + an integer in [-18, 18) of 180; values clipped to [0, 255] and truncated at each step."""
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x: np.ndarray) -> np.ndarray:
+        return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else x
+    if rng.integers(2):
+        img = convert(img, beta=rng.uniform(-32, 32))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first:
+        img = contrast(img)
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        img = hsv_to_rgb(hsv)
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-18, 18)) % 180
+        img = hsv_to_rgb(hsv)
+    return img if contrast_first else contrast(img)
+
+
+CAT_MAX_RATIO = 0.75  # mmseg's RandomCrop(cat_max_ratio=0.75)
+
+
+def crop_origin(rng: np.random.Generator, classes: np.ndarray, crop_h: int, crop_w: int) -> tuple[int, int]:
+    """(top, left) of a random crop of the (H, W) class map, drawn again (10 times at most) while one class covers
+    ``CAT_MAX_RATIO`` or more of its labelled pixels, or it holds fewer than two classes: mmseg's ``RandomCrop``,
+    draw for draw (the top offset, then the left one, each uniform over the valid offsets)."""
+    height, width = classes.shape
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, max(0, height - crop_h) + 1)), int(rng.integers(0, max(0, width - crop_w) + 1))
+    top, left = draw()
+    for _ in range(10):
+        part = classes[top:top + crop_h, left:left + crop_w]
+        counts = np.unique(part[part != IGNORE_INDEX], return_counts=True)[1]
+        if len(counts) > 1 and counts.max() / counts.sum() < CAT_MAX_RATIO:
+            break
+        top, left = draw()
+    return top, left
+
+
 def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
-    """Train: random rescale (short side = crop short side x U(scale_range)), random crop (padding with the
-    ignore index), flip. Eval: resize keeping aspect into the crop canvas, pad. Metrics use the resized mask."""
+    """Train, mmseg's ADE20K pipeline: random rescale (short side = crop short side x U(scale_range)), random crop
+    (with ``cat_max_ratio``: :func:`crop_origin`; padding with the ignore index), flip, photometric distortion
+    (:func:`photometric_distortion`). Eval: resize keeping aspect into the crop canvas, pad. Metrics use the
+    resized mask."""
     crop_h, crop_w = cfg.size
     preprocess = eval_preprocess(cfg)
 
@@ -176,23 +234,23 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
         img = open_rgb(sample, png_is_mask=True)
         mask_img = Image.open(io.BytesIO(sample["png"]))
         mask_img.load()
+        labels = MaskLabels.of(json.loads(sample["json"]))
         if train:
             ratio = rng.uniform(*cfg.scale_range)
             scale = min(crop_h, crop_w) * ratio / min(img.height, img.width)
-            new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            new = resized_extent(img.height, img.width, scale)[::-1]
             img, mask_img = img.resize(new, Image.BILINEAR), mask_img.resize(new, Image.NEAREST)
-            top = int(rng.integers(0, max(0, new[1] - crop_h) + 1))
-            left = int(rng.integers(0, max(0, new[0] - crop_w) + 1))
+            top, left = crop_origin(rng, mask_classes(np.asarray(mask_img), labels).numpy(), crop_h, crop_w)
             box = (left, top, left + min(crop_w, new[0]), top + min(crop_h, new[1]))
             img, mask_img = img.crop(box), mask_img.crop(box)
             if rng.random() < 0.5:
                 img, mask_img = img.transpose(Image.FLIP_LEFT_RIGHT), mask_img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = Image.fromarray(photometric_distortion(rng, np.asarray(img)))
             image = F.pad(to_normalized(img), (0, crop_w - img.width, 0, crop_h - img.height))
         else:
             original = mask_img
             image, scale = preprocess(img)
-            mask_img = mask_img.resize((round(img.width * scale) or 1, round(img.height * scale) or 1), Image.NEAREST)
-        labels = MaskLabels.of(json.loads(sample["json"]))
+            mask_img = mask_img.resize(resized_extent(img.height, img.width, scale)[::-1], Image.NEAREST)
         mask = mask_classes(np.asarray(mask_img), labels)
         mask = F.pad(mask, (0, crop_w - mask.shape[1], 0, crop_h - mask.shape[0]), value=IGNORE_INDEX)
         item = {"image": image, "mask": mask}

@@ -5,26 +5,33 @@ detection loss's normaliser needs one). A loss's parts are detached 0-dim tensor
 reads a tensor's value on the host or takes a shape from one, so a training step on CUDA does not wait for the
 device here (``tests/test_heads_static.py`` checks this on fake CUDA tensors).
 
-Classification: a linear layer on pooled, normalised last-stage features. Detection: RetinaNet from
-torchvision's parts (FPN P3-P7 on stages 2-4 plus two extra levels, ``RetinaNetHead``, anchors, focal +
-L1 box losses, batched NMS) with mmdet's RetinaNet hyper-parameters. Segmentation: UperNet
-(``segmentation_models_pytorch``'s ``UPerNetDecoder``) and an optional FCN auxiliary head on stage 3, as in
-the mmseg recipe.
+Classification: a linear layer on pooled, normalised last-stage features. Detection: mmdet's RetinaNet
+(``retinanet_swin-t-p4-w7_fpn_1x_coco``) from torchvision's parts: FPN P3-P5 on stages 2-4 with P6 and P7 from
+stage 4, ``RetinaNetHead``, mmdet's anchors, assignment, focal + L1 losses and post-processing. Segmentation:
+mmseg's UperNet (``segmentation_models_pytorch``'s ``UPerNetDecoder``, block for block mmseg's ``UPerHead``) and
+its FCN auxiliary head on stage 3. ``tests/test_oracle.py`` compares these with mmdet's and mmseg's own code.
+
+Both dense heads normalise each stage feature they take, as mmdet's and mmseg's Swin backbones do to each output
+they return (``norm{i}``; timm's ``forward_intermediates`` returns the stages as they are): the detection head
+with its :class:`FeatureNorms`, UperNet with its decoder's own ``feature_norms``. ``layout="torchvision"`` builds
+the detection head of exports and checkpoints written before that (no feature norms; P6 from P5 with a ReLU
+before P7, torchvision's ``LastLevelP6P7``): a stored recipe without ``head_layout`` is read as that layout
+(``mthl_ds.config.recipe_from_dict``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
-from torchvision.ops import box_iou, sigmoid_focal_loss
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelP6P7
 
-from mthl_ds.geometry import IGNORE_INDEX
+from mthl_ds.geometry import IGNORE_INDEX, axis_scales, resized_extent
 from mthl_ds.runtime.collectives import distributed, sum_over_ranks, world
 
 
@@ -43,6 +50,39 @@ class ClassificationHead(nn.Module):
 
     def predict(self, logits: Tensor, batch: dict) -> Tensor:
         return logits.float()
+
+
+LAYOUTS = ("openmmlab", "torchvision")
+
+
+class FeatureNorms(nn.Module):
+    """A LayerNorm over the channels of each NCHW stage feature, as mmdet's Swin normalises each output it returns
+    (``norm{i}``). One set per head, as each of those single-task models has its own."""
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        return [norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.norms, features)]
+
+
+class RetinaExtraLevels(ExtraFPNBlock):
+    """mmdet's RetinaNet extra levels (``FPN(add_extra_convs="on_input")``): P6 is a 3x3 stride-2 conv of the
+    last stage's feature (C5, not P5) and P7 one of P6, with no ReLU between (``relu_before_extra_convs=False``).
+    Parameters named as torchvision's ``LastLevelP6P7``'s, initialised as it does."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for conv in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(x[-1])
+        return [*results, p6, self.p7(p6)], [*names, "p6", "p7"]
 
 
 def retina_cell_anchors(stride: int, octave_scale: float = 4.0, scales_per_octave: int = 3,
@@ -66,14 +106,30 @@ def level_anchors(cell: Tensor, stride: int, height: int, width: int) -> Tensor:
 
 
 def encode_deltas(gt: Tensor, anchors: Tensor) -> Tensor:
-    """torchvision's ``BoxCoder(weights=(1, 1, 1, 1)).encode_single`` (same arithmetic) over any leading dims,
-    without its host-to-device copy of the weights in every call."""
+    """mmdet's ``DeltaXYWHBBoxCoder`` (means 0, stds 1) encoding over any leading dims: torchvision's
+    ``BoxCoder(weights=(1, 1, 1, 1)).encode_single`` arithmetic, without its host-to-device copy of the weights
+    in every call."""
     ex_w, ex_h = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
     ex_x, ex_y = anchors[..., 0] + 0.5 * ex_w, anchors[..., 1] + 0.5 * ex_h
     gt_w, gt_h = gt[..., 2] - gt[..., 0], gt[..., 3] - gt[..., 1]
     gt_x, gt_y = gt[..., 0] + 0.5 * gt_w, gt[..., 1] + 0.5 * gt_h
     return torch.stack([(gt_x - ex_x) / ex_w, (gt_y - ex_y) / ex_h, torch.log(gt_w / ex_w), torch.log(gt_h / ex_h)],
                        dim=-1)
+
+
+WH_DELTA_CLIP = abs(math.log(16 / 1000))  # mmdet's wh_ratio_clip
+
+
+def decode_deltas(deltas: Tensor, anchors: Tensor, height: int, width: int) -> Tensor:
+    """mmdet's ``delta2bbox`` (means 0, stds 1): width and height deltas clamped on both sides to +-log(1000 / 16)
+    (torchvision clamps only above), boxes clipped to the (height, width) image."""
+    size = anchors[:, 2:] - anchors[:, :2]
+    centre = (anchors[:, :2] + anchors[:, 2:]) * 0.5 + size * deltas[:, :2]
+    half = size * deltas[:, 2:].clamp(-WH_DELTA_CLIP, WH_DELTA_CLIP).exp() * 0.5
+    boxes = torch.cat([centre - half, centre + half], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
 
 
 def padded_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -85,36 +141,37 @@ def padded_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[T
 
 
 class RetinaNetDetectionHead(nn.Module):
-    """FPN P3-P7 + RetinaNet subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride, placed at the
-    fixed strides 8-128 as mmdet places them (torchvision's generator derives each stride as canvas size // level
-    size, 61 and 114 px instead of 64 and 128 on an 800 x 1344 canvas), always in float32, built once per device and
-    level shapes.
-
-    ``predict`` calls torchvision's ``RetinaNet.postprocess_detections`` with this module in place of a
-    ``RetinaNet`` (it reads only the coder and thresholds set here); ``loss`` is mmdet's (see there).
-    """
+    """mmdet's RetinaNet on stages 2-4: feature norms, FPN P3-P7 (:class:`RetinaExtraLevels`), the RetinaNet
+    subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride, placed at the fixed strides 8-128 as
+    mmdet places them (torchvision's generator derives each stride as canvas size // level size, 61 and 114 px
+    instead of 64 and 128 on an 800 x 1344 canvas), always in float32, built once per device and level shapes.
+    ``loss`` and ``predict`` are mmdet's (see there)."""
 
     strides = (8, 16, 32, 64, 128)
-    BELOW_LOW_THRESHOLD = det_utils.Matcher.BELOW_LOW_THRESHOLD  # -1: background
-    BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS  # -2: ignored
+    BELOW_LOW_THRESHOLD = -1  # an anchor's match: background
+    BETWEEN_THRESHOLDS = -2  # ignored (IoU between the thresholds)
 
     def __init__(self, stage_channels: Sequence[int], num_classes: int, fpn_channels: int = 256,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                 topk_candidates: int = 1000):
+                 topk_candidates: int = 1000, layout: str = "openmmlab"):
         super().__init__()
-        self.fpn = FeaturePyramidNetwork(list(stage_channels[1:]), fpn_channels,
-                                         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown head layout {layout!r}; choose from {LAYOUTS}")
+        self.norms = FeatureNorms(stage_channels[1:]) if layout == "openmmlab" else None
+        extra = (RetinaExtraLevels(stage_channels[-1], fpn_channels) if layout == "openmmlab"
+                 else LastLevelP6P7(fpn_channels, fpn_channels))
+        self.fpn = FeaturePyramidNetwork(list(stage_channels[1:]), fpn_channels, extra_blocks=extra)
         self.cell_anchors = [retina_cell_anchors(s) for s in self.strides]
         self.num_anchors = len(self.cell_anchors[0])
         self.anchor_cache: dict = {}  # (device, level shapes) -> every level's anchors; not state
         self.head = RetinaNetHead(fpn_channels, self.num_anchors, num_classes)
         self.high_threshold, self.low_threshold = 0.5, 0.4  # IoU: positive at or above, ignored in between
-        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
 
     def forward(self, features: list[Tensor]) -> dict:
-        pyramid = list(self.fpn({str(i): f for i, f in enumerate(features[1:])}).values())
+        stages = self.norms(features[1:]) if self.norms is not None else features[1:]
+        pyramid = list(self.fpn({str(i): f for i, f in enumerate(stages)}).values())
         return {**self.head(pyramid), "pyramid": pyramid}
 
     def all_anchors(self, pyramid: list[Tensor]) -> Tensor:
@@ -138,18 +195,21 @@ class RetinaNetDetectionHead(nn.Module):
         return [self.all_anchors(pyramid)] * images.shape[0]
 
     def match(self, iou: Tensor, valid: Tensor) -> Tensor:
-        """torchvision's ``Matcher(0.5, 0.4, allow_low_quality_matches=True)`` on a batch, with static shapes:
-        ``iou`` (B, G, N) between padded boxes and anchors, ``valid`` (B, G) the real boxes. Returns (B, N): each
-        anchor's box, or ``BELOW_LOW_THRESHOLD`` (best IoU under 0.4, or no box) or ``BETWEEN_THRESHOLDS``. Each
-        box's best anchors (ties included, even at IoU 0) are matched to *their own* best box, as torchvision does;
-        mmdet's ``MaxIoUAssigner`` assigns them that box instead, the box listed last winning a shared anchor."""
+        """mmdet's ``MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0)`` on a batch, with static
+        shapes: ``iou`` (B, G, N) between padded boxes and anchors, ``valid`` (B, G) the real boxes. Returns (B, N):
+        each anchor's box, or ``BELOW_LOW_THRESHOLD`` (best IoU under 0.4, or no box) or ``BETWEEN_THRESHOLDS``.
+        Then every box takes all the anchors it overlaps most (``gt_max_assign_all``, ties included, even at IoU
+        0), whatever box those anchors overlap most, the box listed last winning an anchor several boxes share,
+        as mmdet's loop over the boxes leaves it (torchvision's ``Matcher`` gives such an anchor to the box it
+        overlaps most, and a small box inside a larger one can end with no anchor)."""
         iou = torch.where(valid[..., None], iou, -1.0)
-        best, all_matches = iou.max(dim=1)  # ties: the first box, as torchvision's max over its gt rows
+        best, all_matches = iou.max(dim=1)  # ties: the first box, as mmdet's argmax over its gt rows
         matches = torch.where(best < self.low_threshold, self.BELOW_LOW_THRESHOLD,
                               torch.where(best < self.high_threshold, self.BETWEEN_THRESHOLDS, all_matches))
         highest = iou.max(dim=2, keepdim=True).values  # each box's best IoU over the anchors
-        low_quality = ((iou == highest) & valid[..., None]).any(dim=1)
-        return torch.where(low_quality, all_matches, matches)
+        order = torch.arange(1, iou.shape[1] + 1, device=iou.device).view(1, -1, 1)
+        last = torch.where((iou == highest) & valid[..., None], order, 0).max(dim=1).values  # 1 + box, 0: none
+        return torch.where(last > 0, last - 1, matches)
 
     def loss(self, output: dict, batch: dict, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None
              ) -> tuple[Tensor, dict]:
@@ -183,36 +243,65 @@ class RetinaNetDetectionHead(nn.Module):
     @torch.no_grad()
     def predict(self, output: dict, batch: dict) -> list[dict]:
         """Detections per image in the *original* image's pixels (boxes xyxy, scores, contiguous labels), on the
-        model's device; ``batch["scale"]`` and ``batch["orig_size"]`` are read on the host."""
-        images, pyramid = batch["image"], output["pyramid"]
+        model's device; ``batch["scale"]`` and ``batch["orig_size"]`` are read on the host. mmdet's
+        ``predict_by_feat``: per level, the ``topk_candidates`` best (anchor, class) scores above ``score_thresh``;
+        their boxes decoded and clipped to the resized image (not the padded canvas), scaled back to the original
+        image (each axis by its own factor, :func:`mthl_ds.geometry.axis_scales`), those of zero width or height
+        dropped; class-wise NMS; the ``detections_per_img`` best."""
+        pyramid = output["pyramid"]
         per_level = [p.shape[-2] * p.shape[-1] * self.num_anchors for p in pyramid]
-        split = {k: list(output[k].float().split(per_level, dim=1)) for k in ("cls_logits", "bbox_regression")}
-        anchors = [self.level_anchors(pyramid)] * images.shape[0]
-        shapes = [tuple(images.shape[-2:])] * images.shape[0]
-        detections = RetinaNet.postprocess_detections(self, split, anchors, shapes)
-        for det, scale, (height, width) in zip(detections, batch["scale"].tolist(), batch["orig_size"]):
-            boxes = det["boxes"] / scale  # back to the original image, clipped to it (mmdet clips to the image)
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-            det["boxes"] = boxes
+        logits = output["cls_logits"].float().split(per_level, dim=1)
+        deltas = output["bbox_regression"].float().split(per_level, dim=1)
+        anchors = self.level_anchors(pyramid)
+        detections = []
+        for i, (scale, (height, width)) in enumerate(zip(batch["scale"].tolist(), batch["orig_size"])):
+            extent = resized_extent(height, width, scale)
+            boxes, scores, labels = [], [], []
+            for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
+                level_scores = level_logits[i].sigmoid().flatten()
+                candidates = torch.nonzero(level_scores > self.score_thresh).squeeze(1)
+                level_scores, order = level_scores[candidates].sort(descending=True)
+                candidates = candidates[order[:self.topk_candidates]]
+                anchor, label = candidates // level_logits.shape[-1], candidates % level_logits.shape[-1]
+                boxes.append(decode_deltas(level_deltas[i, anchor], level_anchors[anchor], *extent))
+                scores.append(level_scores[:self.topk_candidates])
+                labels.append(label)
+            factors = torch.tensor(axis_scales(height, width, scale) * 2, device=logits[0].device)
+            boxes, scores, labels = torch.cat(boxes) / factors, torch.cat(scores), torch.cat(labels)
+            sized = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # mmdet's min_bbox_size=0
+            boxes, scores, labels = boxes[sized], scores[sized], labels[sized]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
 
 
+def segmentation_classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """mmseg's ``conv_seg``: a 1x1 conv, initialised normal(0, 0.01) with bias 0 (``BaseDecodeHead``'s
+    ``init_cfg``)."""
+    conv = nn.Conv2d(channels, num_classes, kernel_size=1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, 0)
+    return conv
+
+
 class FCNAuxHead(nn.Module):
-    """mmseg's auxiliary FCN head: one 3x3 conv-BN-ReLU and a 1x1 classifier on stage 3."""
+    """mmseg's auxiliary FCN head: one 3x3 conv-BN-ReLU, then ``Dropout2d(0.1)`` and a 1x1 classifier."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = segmentation_classifier(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.conv(x))
+        return self.classifier(self.dropout(self.conv(x)))
 
 
 class UperNetSegmentationHead(nn.Module):
-    """UperNet decoder (PPM + FPN fusion at stride 4), a 1x1 classifier, optional FCN auxiliary head.
+    """mmseg's UperNet: the UperNet decoder (feature norms, PPM + FPN fusion at stride 4), ``Dropout2d(0.1)`` and
+    a 1x1 classifier; the optional FCN auxiliary head on stage 3 as the decoder normalises it (mmseg's aux head
+    reads the backbone's ``norm2`` output, which its decode head reads too).
 
     Args:
         aux_weight: weight of the auxiliary head's loss (mmseg: 0.4); 0 builds no auxiliary head.
@@ -220,24 +309,28 @@ class UperNetSegmentationHead(nn.Module):
 
     def __init__(self, stage_channels: Sequence[int], num_classes: int, channels: int = 512, aux_weight: float = 0.4):
         super().__init__()
-        # UPerNetDecoder skips the stride-1 and stride-2 entries of its input list.
+        # UPerNetDecoder skips the stride-1 and stride-2 entries of its input list and normalises the others.
         self.decoder = UPerNetDecoder([3, 0, *stage_channels], encoder_depth=5, decoder_channels=channels)
-        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = segmentation_classifier(channels, num_classes)
         self.aux_weight = aux_weight
         self.aux = FCNAuxHead(stage_channels[2], num_classes, channels // 2) if aux_weight > 0 else None
 
     def forward(self, features: list[Tensor]) -> dict:
         skipped = features[0].new_empty(0)  # the decoder skips the stride-1 and stride-2 entries
-        out = {"logits": self.classifier(self.decoder([skipped, skipped, *features]))}
+        out = {"logits": self.classifier(self.dropout(self.decoder([skipped, skipped, *features])))}
         if self.aux is not None and self.training:
-            out["aux"] = self.aux(features[2])
+            out["aux"] = self.aux(self.decoder.feature_norms[2](features[2]))
         return out
 
     def loss(self, output: dict, batch: dict, reduce_mean=None) -> tuple[Tensor, dict]:
+        """mmseg's: cross-entropy of the logits resized to the mask, summed over the labelled pixels and divided
+        by all of them (``avg_non_ignore=False``, mmseg's default), plus ``aux_weight`` times the same for the
+        auxiliary logits."""
         mask = batch["mask"]
         ce = lambda logits: F.cross_entropy(  # noqa: E731
             F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False), mask,
-            ignore_index=IGNORE_INDEX)
+            ignore_index=IGNORE_INDEX, reduction="sum") / mask.numel()
         main = ce(output["logits"])
         logs = {"ce": main.detach()}
         if "aux" in output:
@@ -256,7 +349,8 @@ class UperNetSegmentationHead(nn.Module):
             return logits.argmax(1)
         masks = []
         for image_logits, scale, (h, w) in zip(logits, batch["scale"].tolist(), batch["orig_size"]):
-            part = image_logits[:, :max(1, round(h * scale)), :max(1, round(w * scale))]
+            part_h, part_w = resized_extent(h, w, scale)
+            part = image_logits[:, :part_h, :part_w]
             masks.append(resized_argmax(part, (h, w)))
         return masks
 

@@ -36,7 +36,7 @@ def fake_targets(num_classes: int, batch_size: int, shape, gen: torch.Generator)
 SPEC = TaskSpec(
     kind="detection",
     build_head=lambda channels, d: RetinaNetDetectionHead(channels, d.num_classes,
-                                                          fpn_channels=d.head_channels or 256),
+                                                          fpn_channels=d.head_channels or 256, layout=d.head_layout),
     make_evaluator=lambda num_classes, shard_set, truth, device: DetectionEvaluator(shard_set, truth),
     chance_level=lambda evaluator, num_classes, reduce_sum: CHANCE_MAP,
     protocol=protocol,

@@ -24,12 +24,17 @@ BATCH_1 = [f"datasets.{n}.eval_batch_size=1" for n in ("imagenet", "coco", "ade2
 def prepare(model):
     """An untrained detector that keeps its boxes (so mAP is not trivially 0), with class weights drawn wide enough
     that its scores are not near-ties. With the head's own init (std 0.01) every score sits by the prior, and
-    rounding that differs with the batch's shape reordered enough of them to move AP50 by 0.06 points."""
+    rounding that differs with the batch's shape reordered enough of them to move AP50 by 0.06 points. The
+    segmentation classifier likewise: at mmseg's init (std 0.01) bf16 flips 1% of an untrained model's labels;
+    drawn at PyTorch's default spread (about 3x wider), none."""
     head = model.heads["coco"]
     head.score_thresh = 0.0
     cls_logits = head.head.classification_head.cls_logits
     with torch.no_grad():
         cls_logits.weight.copy_(torch.randn(cls_logits.weight.shape, generator=torch.Generator().manual_seed(0)))
+        if "ade20k" in model.heads:
+            torch.nn.init.kaiming_uniform_(model.heads["ade20k"].classifier.weight, a=5 ** 0.5,
+                                           generator=torch.Generator().manual_seed(0))
     model.eval()
     return model
 
