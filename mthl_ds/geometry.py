@@ -49,6 +49,12 @@ def resized_extent(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
+def rescale_factor(height: int, width: int, short: int, long: int) -> float:
+    """The factor that fits an image's short side into ``short`` and its long side into ``long``, the larger
+    of the two that does: mmcv's ``rescale_size`` (``Resize(keep_ratio=True)``)."""
+    return min(long / max(height, width), short / min(height, width))
+
+
 def axis_scales(height: int, width: int, scale: float) -> tuple[float, float]:
     """(x, y) factors from an image's pixels to its resized extent's: each side's whole-pixel size over its own,
     as mmdet's ``Resize(keep_ratio=True)`` scales boxes (``scale`` itself is neither, once the sides are rounded)."""

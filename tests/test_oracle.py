@@ -49,24 +49,36 @@ def copy(target: torch.nn.Module, source: torch.nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- RetinaNet
 
-@pytest.fixture(scope="module")
-def retinanet():
-    """(our head, mmdet's FPN, mmdet's RetinaHead) with our weights copied into mmdet's parts."""
+def mmdet_retinanet():
+    """mmdet's FPN and RetinaHead, built from its config, as initialised there."""
     cfg = openmmlab.retinanet_swin_t()
     head_cfg = cfg.model.bbox_head.copy()
     head_cfg.update(num_classes=NUM_CLASSES, train_cfg=cfg.model.train_cfg, test_cfg=cfg.model.test_cfg)
-    mm_head, mm_fpn = openmmlab.build("mmdet", head_cfg), openmmlab.build("mmdet", cfg.model.neck)
-    ours = randomised(RetinaNetDetectionHead(SWIN_T, NUM_CLASSES), seed=0)
+    return openmmlab.build("mmdet", cfg.model.neck), openmmlab.build("mmdet", head_cfg)
+
+
+def retinanet_pairs(ours, mm_fpn, mm_head) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(mmdet's module, ours) for every module that holds parameters."""
+    pairs = []
     for i in range(3):
-        copy(mm_fpn.lateral_convs[i].conv, ours.fpn.inner_blocks[i][0])
-        copy(mm_fpn.fpn_convs[i].conv, ours.fpn.layer_blocks[i][0])
-    copy(mm_fpn.fpn_convs[3].conv, ours.fpn.extra_blocks.p6)
-    copy(mm_fpn.fpn_convs[4].conv, ours.fpn.extra_blocks.p7)
+        pairs += [(mm_fpn.lateral_convs[i].conv, ours.fpn.inner_blocks[i][0]),
+                  (mm_fpn.fpn_convs[i].conv, ours.fpn.layer_blocks[i][0])]
+    pairs += [(mm_fpn.fpn_convs[3].conv, ours.fpn.extra_blocks.p6),
+              (mm_fpn.fpn_convs[4].conv, ours.fpn.extra_blocks.p7)]
     for i in range(4):
-        copy(mm_head.cls_convs[i].conv, ours.head.classification_head.conv[i][0])
-        copy(mm_head.reg_convs[i].conv, ours.head.regression_head.conv[i][0])
-    copy(mm_head.retina_cls, ours.head.classification_head.cls_logits)
-    copy(mm_head.retina_reg, ours.head.regression_head.bbox_reg)
+        pairs += [(mm_head.cls_convs[i].conv, ours.head.classification_head.conv[i][0]),
+                  (mm_head.reg_convs[i].conv, ours.head.regression_head.conv[i][0])]
+    return pairs + [(mm_head.retina_cls, ours.head.classification_head.cls_logits),
+                    (mm_head.retina_reg, ours.head.regression_head.bbox_reg)]
+
+
+@pytest.fixture(scope="module")
+def retinanet():
+    """(our head, mmdet's FPN, mmdet's RetinaHead) with our weights copied into mmdet's parts."""
+    mm_fpn, mm_head = mmdet_retinanet()
+    ours = randomised(RetinaNetDetectionHead(SWIN_T, NUM_CLASSES), seed=0)
+    for theirs, mine in retinanet_pairs(ours, mm_fpn, mm_head):
+        copy(theirs, mine)
     return ours.eval(), mm_fpn.eval(), mm_head.eval()
 
 
@@ -201,34 +213,45 @@ def test_post_processing_equals_mmdets_predict_by_feat(retinanet):
 
 # ----------------------------------------------------------------------------------------------- UperNet
 
-@pytest.fixture
-def upernet():
-    """(our head, mmseg's UPerHead, mmseg's FCNHead) with our weights copied into mmseg's (SyncBN as BN: one
-    process)."""
+def mmseg_upernet():
+    """mmseg's UPerHead and FCNHead, built from its config (SyncBN as BN: one process), as initialised there."""
     cfg = openmmlab.upernet_swin_t()
     parts = []
     for part in (cfg.model.decode_head, cfg.model.auxiliary_head):
         part = part.copy()
         part.update(num_classes=NUM_CLASSES, norm_cfg=dict(type="BN", requires_grad=True))
         parts.append(openmmlab.build("mmseg", part))
-    mm_decode, mm_aux = parts
-    ours = randomised(UperNetSegmentationHead(SWIN_T, NUM_CLASSES), seed=5)
+    return parts
+
+
+def upernet_pairs(ours, mm_decode, mm_aux) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(mmseg's module, ours) for every module that holds parameters, except the feature norms (the backbone's in
+    mmseg)."""
     d = ours.decoder
 
-    def conv_bn(target, conv, bn):
-        copy(target.conv, conv)
-        copy(target.bn, bn)
+    def conv_bn(theirs, conv, bn):
+        return [(theirs.conv, conv), (theirs.bn, bn)]
+    pairs = []
     for i in range(4):
-        conv_bn(mm_decode.psp_modules[i][1], d.psp.blocks[i][1][0], d.psp.blocks[i][1][1])
-    conv_bn(mm_decode.bottleneck, d.psp.out_conv[0], d.psp.out_conv[1])
+        pairs += conv_bn(mm_decode.psp_modules[i][1], d.psp.blocks[i][1][0], d.psp.blocks[i][1][1])
+    pairs += conv_bn(mm_decode.bottleneck, d.psp.out_conv[0], d.psp.out_conv[1])
     for j in range(3):  # mmseg lists its laterals from stride 4 up, the decoder from stride 16 down
         lateral, conv = d.fpn_lateral_blocks[2 - j].conv_norm_relu, d.fpn_conv_blocks[2 - j]
-        conv_bn(mm_decode.lateral_convs[j], lateral[0], lateral[1])
-        conv_bn(mm_decode.fpn_convs[j], conv[0], conv[1])
-    conv_bn(mm_decode.fpn_bottleneck, d.fusion_block[0], d.fusion_block[1])
-    copy(mm_decode.conv_seg, ours.classifier)
-    conv_bn(mm_aux.convs[0], ours.aux.conv[0], ours.aux.conv[1])
-    copy(mm_aux.conv_seg, ours.aux.classifier)
+        pairs += conv_bn(mm_decode.lateral_convs[j], lateral[0], lateral[1])
+        pairs += conv_bn(mm_decode.fpn_convs[j], conv[0], conv[1])
+    pairs += conv_bn(mm_decode.fpn_bottleneck, d.fusion_block[0], d.fusion_block[1])
+    pairs += [(mm_decode.conv_seg, ours.classifier)]
+    pairs += conv_bn(mm_aux.convs[0], ours.aux.conv[0], ours.aux.conv[1])
+    return pairs + [(mm_aux.conv_seg, ours.aux.classifier)]
+
+
+@pytest.fixture
+def upernet():
+    """(our head, mmseg's UPerHead, mmseg's FCNHead) with our weights copied into mmseg's."""
+    mm_decode, mm_aux = mmseg_upernet()
+    ours = randomised(UperNetSegmentationHead(SWIN_T, NUM_CLASSES), seed=5)
+    for theirs, mine in upernet_pairs(ours, mm_decode, mm_aux):
+        copy(theirs, mine)
     return ours, mm_decode, mm_aux
 
 
@@ -364,3 +387,89 @@ def test_photometric_distortion_draws_as_mmsegs_and_lands_within_a_few_levels():
         exact += int(diff.max() == 0)
         assert np.percentile(diff, 99) <= 3 and diff.mean() <= 0.75, seed
     assert 5 <= exact < 40  # some seeds took no HSV step (then equal), most did
+
+
+def assert_initialised_alike(pairs) -> int:
+    """Each parameter of ours drawn as its counterpart in mmdet / mmseg: constants (biases, norms) equal; random
+    weights with the same spread (std within 10%) and the same law (the share within one std: 0.68 normal, 0.58
+    uniform; within 0.06). Returns how many random tensors were compared."""
+    compared = 0
+    for theirs, mine in pairs:
+        own = dict(mine.named_parameters())
+        for name, t in theirs.named_parameters():
+            m = own[name].detach()
+            assert m.shape == t.shape, name
+            if t.std() == 0:
+                assert torch.equal(m, t), (type(theirs).__name__, name)
+                continue
+            share = [(x.abs() <= x.std()).double().mean().item() for x in (m, t)]
+            assert abs(m.std() / t.std() - 1) < 0.1, (type(theirs).__name__, name, m.std(), t.std())
+            assert abs(share[0] - share[1]) < 0.06, (type(theirs).__name__, name, share)
+            compared += 1
+    return compared
+
+
+def test_initialisation_draws_as_mmdets_and_mmsegs():
+    """A fresh head's parameters against mmdet's and mmseg's parts after their ``init_weights()``: the FPN
+    Xavier uniform, the RetinaNet subnets normal(0, 0.01) with the prior bias; UperNet's and the FCN head's
+    conv-BN-ReLUs as mmcv's ``ConvModule`` (kaiming normal over the fan-out), the classifiers normal(0, 0.01)."""
+    torch.manual_seed(0)
+    mm_fpn, mm_head = mmdet_retinanet()
+    mm_decode, mm_aux = mmseg_upernet()
+    for part in (mm_fpn, mm_head, mm_decode, mm_aux):
+        part.init_weights()
+    detection = assert_initialised_alike(retinanet_pairs(RetinaNetDetectionHead(SWIN_T, NUM_CLASSES), mm_fpn, mm_head))
+    segmentation = assert_initialised_alike(upernet_pairs(UperNetSegmentationHead(SWIN_T, NUM_CLASSES), mm_decode,
+                                                          mm_aux))
+    assert (detection, segmentation) == (18, 15)
+
+
+def test_random_rescale_sizes_equal_mmsegs_random_resize():
+    """``random_rescale`` and mmseg's ``RandomResize`` (the ADE20K config's: scale (2048, 512), ratios 0.5-2.0),
+    given the same draw, over 300 image sizes up to 1:6: the same resized (h, w) for every one. Taking the short
+    side x ratio without truncation or the long bound (as before) gives other sizes for some."""
+    from mmseg.registry import TRANSFORMS
+
+    from mthl_ds.data.pipelines import random_rescale
+    cfg = openmmlab.upernet_swin_t()
+    resize_cfg = next(t for t in cfg.train_pipeline if t["type"] == "RandomResize")
+    assert tuple(resize_cfg["scale"]) == (2048, 512)
+    theirs_resize = TRANSFORMS.build(resize_cfg)
+    numpy_draws = SimpleNamespace(uniform=lambda low, high: np.random.uniform(low, high))
+    sizes = np.random.default_rng(0).integers(64, 1200, size=(300, 2))
+    sizes[::10, 1] = sizes[::10, 0] * 6  # panoramas, where the long bound binds
+    untruncated = 0
+    for seed, (h, w) in enumerate(sizes.tolist()):
+        np.random.seed(seed)
+        mine = random_rescale(numpy_draws, h, w, 512, tuple(resize_cfg["ratio_range"]))
+        np.random.seed(seed)
+        theirs = theirs_resize.transform({"img": np.zeros((h, w, 3), np.uint8)})["img"].shape[:2]
+        assert mine == theirs, (h, w, seed)
+        np.random.seed(seed)
+        untruncated += resized_extent(h, w, 512 * np.random.uniform(0.5, 2.0) / min(h, w)) != mine
+    assert untruncated > 30
+
+
+def test_resizes_equal_opencvs_as_mmcv_calls_them():
+    """``resize_bilinear`` and ``resize_nearest`` against ``cv2.resize`` (INTER_LINEAR for images, INTER_NEAREST
+    for label maps, as mmcv's ``imresize`` calls it for mmdet's and mmseg's ``Resize``), over 100 random sizes,
+    shrinking and enlarging: images within one level (OpenCV rounds in fixed point), 0.2 on average; label maps
+    equal. PIL's bilinear, which antialiases when it shrinks, is 5 levels off on average."""
+    import cv2
+    from PIL import Image
+
+    from mthl_ds.data.images import resize_bilinear, resize_nearest
+    rng = np.random.default_rng(0)
+    ours, pil = [], []
+    for _ in range(100):
+        (h, w), (new_h, new_w) = rng.integers(8, 300, 2).tolist(), rng.integers(4, 400, 2).tolist()
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        theirs = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.int64)
+        diff = np.abs(resize_bilinear(img, new_h, new_w) - theirs)
+        assert diff.max() <= 1, (h, w, new_h, new_w)
+        ours.append(diff.mean())
+        pil.append(np.abs(np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR)) - theirs).mean())
+        labels = rng.integers(0, 151, (h, w)).astype(np.uint8)
+        assert np.array_equal(resize_nearest(labels, new_h, new_w),
+                              cv2.resize(labels, (new_w, new_h), interpolation=cv2.INTER_NEAREST)), (h, w, new_h, new_w)
+    assert np.mean(ours) < 0.2 and np.mean(pil) > 5

@@ -140,7 +140,10 @@ def random_export(tmp_path_factory):
     """An untrained demo model, exported (no training): its detector keeps every box and has spread class weights
     (``eval_ranks.prepare``; the spread weights travel in the file, the score threshold is set after loading)."""
     path = tmp_path_factory.mktemp("random") / "model.safetensors"
-    save_export(path, prepare(build_model(load_recipe("demo"))), {"tag": "random"}, None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = prepare(build_model(load_recipe("demo")))
+    save_export(path, model, {"tag": "random"}, None)
     return path
 
 
@@ -148,7 +151,8 @@ def test_load_on_the_cpu_bf16_close_to_fp32_and_fp16_refused_there(random_export
     """``mthl_ds.load(path, device="cpu")`` puts the model on the CPU. bf16 autocast on the CPU runs every head and
     stays close to fp32: the top-5 probabilities position by position within 0.005 (measured: 7e-4 at most, on
     probabilities of about 0.05; bf16 keeps 8 significant bits, 0.4% per rounding), segmentation masks on at least
-    99% of the pixels (measured: all). An untrained detector's scores sit within 1e-4 of the prior, finer than
+    98% of the pixels (measured: 99.4%; an untrained decoder's labels hold near-ties, 0.6-1.3% of them flipped
+    over the random draws tried). An untrained detector's scores sit within 1e-4 of the prior, finer than
     bf16 resolves (its logits near -4.6 are 0.03 apart), so which boxes survive is arbitrary there: the sorted
     scores agree within 1e-3, and the boxes lie in the image. fp16 on the CPU is refused, at load and per call."""
     import mthl_ds
@@ -160,7 +164,7 @@ def test_load_on_the_cpu_bf16_close_to_fp32_and_fp16_refused_there(random_export
     for a, b in zip(top, top_bf16):
         assert [c["score"] for c in b["top5"]] == pytest.approx([c["score"] for c in a["top5"]], abs=5e-3)
     for a, b in zip(*(model.predict(images, "ade20k", precision=p) for p in (None, "bf16"))):
-        assert a["mask"].shape == b["mask"].shape and (a["mask"] == b["mask"]).mean() >= 0.99
+        assert a["mask"].shape == b["mask"].shape and (a["mask"] == b["mask"]).mean() >= 0.98
     for a, b, path in zip(*(model.predict(images, "coco", precision=p) for p in (None, "bf16")), images):
         assert len(a["scores"]) == len(b["scores"]) > 0
         assert sorted(b["scores"]) == pytest.approx(sorted(a["scores"]), abs=1e-3)

@@ -10,7 +10,9 @@
   channel (``LA``, ``RGBA``, ``PA``, palette transparency) is dropped, as ``imread`` drops it. Any other mode
   is refused, naming the file and the mode.
 
-And the 8-bit HSV of OpenCV, which mmseg's photometric distortion works in (``data/pipelines.py``).
+And OpenCV's parts of mmdet's and mmseg's pipelines (``data/pipelines.py``), without OpenCV: its resizes, as
+mmcv's ``imresize`` calls them (bilinear for images, nearest for masks), and its 8-bit HSV, which mmseg's
+photometric distortion works in.
 """
 from __future__ import annotations
 
@@ -134,3 +136,35 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     g = np.choose(sector, [t, v, v, q, p, p])
     b = np.choose(sector, [p, p, t, v, v, q])
     return np.clip(np.round(np.stack([r, g, b], axis=-1) * 255), 0, 255).astype(np.uint8)
+
+
+def linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis of OpenCV's ``INTER_LINEAR`` resize from ``src`` to ``dst`` pixels: each output pixel's two
+    source pixels and the second one's weight. Half-pixel centres; at the borders the edge pixel alone."""
+    x = (np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5
+    first = np.floor(x).astype(np.int64)
+    weight = x - first
+    outside = (first < 0) | (first >= src - 1)
+    weight[outside] = 0.0
+    first = np.clip(first, 0, src - 1)
+    return first, np.minimum(first + 1, src - 1), weight
+
+
+def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An 8-bit (H, W, C) image resized to (height, width) as ``cv2.resize(INTER_LINEAR)``, which mmdet's and
+    mmseg's ``Resize`` use: no antialiasing when it shrinks (PIL's bilinear filter widens to the scale). Computed
+    in float and rounded, where OpenCV uses fixed point: within one level of it."""
+    top, bottom, wy = linear_taps(img.shape[0], height)
+    left, right, wx = linear_taps(img.shape[1], width)
+    rows = img[top].astype(np.float32) * (1 - wy[:, None, None]) + img[bottom] * wy[:, None, None]
+    out = rows[:, left] * (1 - wx[None, :, None]) + rows[:, right] * wx[None, :, None]
+    return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A label map resized to (height, width) as ``cv2.resize(INTER_NEAREST)``, which mmseg's ``Resize`` uses
+    for the segmentation map: output pixel x reads source pixel floor(x * src / dst), with no half-pixel shift
+    (PIL's nearest reads floor((x + 0.5) * src / dst))."""
+    def taps(src: int, dst: int) -> np.ndarray:
+        return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+    return mask[taps(mask.shape[0], height)][:, taps(mask.shape[1], width)]

@@ -20,10 +20,10 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 from mthl_ds import geometry
-from mthl_ds.data.images import hsv_to_rgb, rgb_from_bytes, rgb_to_hsv
+from mthl_ds.data.images import hsv_to_rgb, resize_bilinear, resize_nearest, rgb_from_bytes, rgb_to_hsv
 from mthl_ds.data.reader import EvalStream, LoaderState, ShardSet, TrainStream, worker_init
 from mthl_ds.data.shards import MaskLabels
-from mthl_ds.geometry import IGNORE_INDEX, axis_scales, padded, resized_extent
+from mthl_ds.geometry import IGNORE_INDEX, axis_scales, padded, rescale_factor, resized_extent
 
 MEAN = torch.tensor(geometry.MEAN).view(3, 1, 1)
 STD = torch.tensor(geometry.STD).view(3, 1, 1)
@@ -57,7 +57,7 @@ def open_rgb(sample: dict, png_is_mask: bool = False) -> Image.Image:
     return rgb_from_bytes(image_bytes(sample, png_is_mask), sample.get("__key__", "image"))
 
 
-def to_normalized(img: Image.Image) -> torch.Tensor:
+def to_normalized(img: Image.Image | np.ndarray) -> torch.Tensor:
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     return (arr - MEAN) / STD
 
@@ -87,7 +87,7 @@ def eval_preprocess(cfg: PipelineConfig) -> Callable[[Image.Image], tuple[torch.
         transform = create_transform(cfg.size, is_training=False, interpolation="bicubic", crop_pct=0.875)
         return lambda img: (transform(img), 1.0)
     canvas = padded(cfg.size) if cfg.task == "detection" else tuple(cfg.size)
-    return lambda img: fit_and_pad(img, cfg.size, Image.BILINEAR, canvas)
+    return lambda img: fit_and_pad(img, cfg.size, canvas)
 
 
 def classification_decoder(cfg: PipelineConfig, train: bool) -> Callable:
@@ -108,15 +108,15 @@ def classification_decoder(cfg: PipelineConfig, train: bool) -> Callable:
     return decode
 
 
-def fit_and_pad(img: Image.Image, size: tuple[int, int], resample,
+def fit_and_pad(img: Image.Image, size: tuple[int, int],
                 canvas: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, float]:
-    """Resize keeping aspect to fit ``size`` (h, w), normalise, pad bottom/right with zeros (the mean colour) to
-    ``canvas`` (default: ``size``)."""
+    """Resize keeping aspect to fit ``size`` (h, w), bilinear as mmcv's (:func:`resize_bilinear`), normalise,
+    pad bottom/right with zeros (the mean colour) to ``canvas`` (default: ``size``)."""
     h, w = size
     canvas_h, canvas_w = canvas or size
     scale = min(h / img.height, w / img.width)
     new_h, new_w = resized_extent(img.height, img.width, scale)
-    tensor = to_normalized(img.resize((new_w, new_h), resample))
+    tensor = to_normalized(resize_bilinear(np.asarray(img), new_h, new_w))
     return F.pad(tensor, (0, canvas_w - new_w, 0, canvas_h - new_h)), scale
 
 
@@ -222,8 +222,20 @@ def crop_origin(rng: np.random.Generator, classes: np.ndarray, crop_h: int, crop
     return top, left
 
 
+SEGMENTATION_LONG_SIDE = 4  # mmseg's ADE20K RandomResize scale (2048, 512): the long side's bound, in short sides
+
+
+def random_rescale(rng: np.random.Generator, height: int, width: int, short: int,
+                   ratio_range: tuple[float, float]) -> tuple[int, int]:
+    """mmseg's ``RandomResize(scale=(4 x short, short), ratio_range, keep_ratio=True)``: one ratio drawn, both
+    bounds times it truncated to whole pixels, the image fitted into them. Returns the new (h, w)."""
+    ratio = rng.uniform(*ratio_range)
+    scale = rescale_factor(height, width, int(short * ratio), int(SEGMENTATION_LONG_SIDE * short * ratio))
+    return resized_extent(height, width, scale)
+
+
 def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
-    """Train, mmseg's ADE20K pipeline: random rescale (short side = crop short side x U(scale_range)), random crop
+    """Train, mmseg's ADE20K pipeline: random rescale (:func:`random_rescale`), random crop
     (with ``cat_max_ratio``: :func:`crop_origin`; padding with the ignore index), flip, photometric distortion
     (:func:`photometric_distortion`). Eval: resize keeping aspect into the crop canvas, pad. Metrics use the
     resized mask."""
@@ -232,31 +244,27 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
 
     def decode(sample: dict, rng: Optional[np.random.Generator]) -> dict:
         img = open_rgb(sample, png_is_mask=True)
-        mask_img = Image.open(io.BytesIO(sample["png"]))
-        mask_img.load()
+        stored = Image.open(io.BytesIO(sample["png"]))
+        stored.load()
+        original = np.asarray(stored)
         labels = MaskLabels.of(json.loads(sample["json"]))
         if train:
-            ratio = rng.uniform(*cfg.scale_range)
-            scale = min(crop_h, crop_w) * ratio / min(img.height, img.width)
-            new = resized_extent(img.height, img.width, scale)[::-1]
-            img, mask_img = img.resize(new, Image.BILINEAR), mask_img.resize(new, Image.NEAREST)
-            top, left = crop_origin(rng, mask_classes(np.asarray(mask_img), labels).numpy(), crop_h, crop_w)
-            box = (left, top, left + min(crop_w, new[0]), top + min(crop_h, new[1]))
-            img, mask_img = img.crop(box), mask_img.crop(box)
+            new_h, new_w = random_rescale(rng, img.height, img.width, min(crop_h, crop_w), cfg.scale_range)
+            pixels, mask = resize_bilinear(np.asarray(img), new_h, new_w), resize_nearest(original, new_h, new_w)
+            top, left = crop_origin(rng, mask_classes(mask, labels).numpy(), crop_h, crop_w)
+            pixels, mask = pixels[top:top + crop_h, left:left + crop_w], mask[top:top + crop_h, left:left + crop_w]
             if rng.random() < 0.5:
-                img, mask_img = img.transpose(Image.FLIP_LEFT_RIGHT), mask_img.transpose(Image.FLIP_LEFT_RIGHT)
-            img = Image.fromarray(photometric_distortion(rng, np.asarray(img)))
-            image = F.pad(to_normalized(img), (0, crop_w - img.width, 0, crop_h - img.height))
+                pixels, mask = pixels[:, ::-1], mask[:, ::-1]
+            pixels = photometric_distortion(rng, pixels)
+            image = F.pad(to_normalized(pixels), (0, crop_w - pixels.shape[1], 0, crop_h - pixels.shape[0]))
         else:
-            original = mask_img
             image, scale = preprocess(img)
-            mask_img = mask_img.resize(resized_extent(img.height, img.width, scale)[::-1], Image.NEAREST)
-        mask = mask_classes(np.asarray(mask_img), labels)
+            mask = resize_nearest(original, *resized_extent(img.height, img.width, scale))
+        mask = mask_classes(mask, labels)
         mask = F.pad(mask, (0, crop_w - mask.shape[1], 0, crop_h - mask.shape[0]), value=IGNORE_INDEX)
         item = {"image": image, "mask": mask}
         if not train and cfg.original:
-            item.update(mask_original=mask_classes(np.asarray(original), labels), scale=scale,
-                        orig_size=(original.height, original.width))
+            item.update(mask_original=mask_classes(original, labels), scale=scale, orig_size=original.shape[:2])
         return item
     return decode
 

@@ -55,6 +55,29 @@ class ClassificationHead(nn.Module):
 LAYOUTS = ("openmmlab", "torchvision")
 
 
+def xavier_convs(module: nn.Module) -> nn.Module:
+    """mmdet's FPN initialisation (``init_cfg=dict(type="Xavier", layer="Conv2d", distribution="uniform")``):
+    every conv Xavier uniform, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def kaiming_fan_out_convs(module: nn.Module) -> nn.Module:
+    """mmcv's ``ConvModule`` initialisation, which every conv-norm-ReLU of mmseg's UPerHead and FCNHead gets:
+    each conv kaiming normal over its fan-out for a ReLU, bias 0 (the norms start at weight 1, bias 0, as
+    PyTorch's)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 class FeatureNorms(nn.Module):
     """A LayerNorm over the channels of each NCHW stage feature, as mmdet's Swin normalises each output it returns
     (``norm{i}``). One set per head, as each of those single-task models has its own."""
@@ -70,15 +93,12 @@ class FeatureNorms(nn.Module):
 class RetinaExtraLevels(ExtraFPNBlock):
     """mmdet's RetinaNet extra levels (``FPN(add_extra_convs="on_input")``): P6 is a 3x3 stride-2 conv of the
     last stage's feature (C5, not P5) and P7 one of P6, with no ReLU between (``relu_before_extra_convs=False``).
-    Parameters named as torchvision's ``LastLevelP6P7``'s, initialised as it does."""
+    Parameters named as torchvision's ``LastLevelP6P7``'s; initialised by the head (:func:`xavier_convs`)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
-        for conv in (self.p6, self.p7):
-            nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.constant_(conv.bias, 0)
 
     def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
         p6 = self.p6(x[-1])
@@ -145,7 +165,8 @@ class RetinaNetDetectionHead(nn.Module):
     subnets. Anchors: 3 scales x 3 ratios per level, base size 4 x stride, placed at the fixed strides 8-128 as
     mmdet places them (torchvision's generator derives each stride as canvas size // level size, 61 and 114 px
     instead of 64 and 128 on an 800 x 1344 canvas), always in float32, built once per device and level shapes.
-    ``loss`` and ``predict`` are mmdet's (see there)."""
+    ``loss`` and ``predict`` are mmdet's (see there). Initialised as mmdet's: the FPN Xavier uniform, the subnets
+    normal(0, 0.01) with the classifier's prior bias (torchvision's ``RetinaNetHead`` does the same)."""
 
     strides = (8, 16, 32, 64, 128)
     BELOW_LOW_THRESHOLD = -1  # an anchor's match: background
@@ -161,6 +182,8 @@ class RetinaNetDetectionHead(nn.Module):
         extra = (RetinaExtraLevels(stage_channels[-1], fpn_channels) if layout == "openmmlab"
                  else LastLevelP6P7(fpn_channels, fpn_channels))
         self.fpn = FeaturePyramidNetwork(list(stage_channels[1:]), fpn_channels, extra_blocks=extra)
+        if layout == "openmmlab":
+            xavier_convs(self.fpn)
         self.cell_anchors = [retina_cell_anchors(s) for s in self.strides]
         self.num_anchors = len(self.cell_anchors[0])
         self.anchor_cache: dict = {}  # (device, level shapes) -> every level's anchors; not state
@@ -289,8 +312,8 @@ class FCNAuxHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.conv = kaiming_fan_out_convs(nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+                                                        nn.BatchNorm2d(channels), nn.ReLU(inplace=True)))
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = segmentation_classifier(channels, num_classes)
 
@@ -301,7 +324,8 @@ class FCNAuxHead(nn.Module):
 class UperNetSegmentationHead(nn.Module):
     """mmseg's UperNet: the UperNet decoder (feature norms, PPM + FPN fusion at stride 4), ``Dropout2d(0.1)`` and
     a 1x1 classifier; the optional FCN auxiliary head on stage 3 as the decoder normalises it (mmseg's aux head
-    reads the backbone's ``norm2`` output, which its decode head reads too).
+    reads the backbone's ``norm2`` output, which its decode head reads too). Every conv-BN-ReLU initialised as
+    mmcv's ``ConvModule`` (:func:`kaiming_fan_out_convs`), the classifiers as mmseg's ``conv_seg``.
 
     Args:
         aux_weight: weight of the auxiliary head's loss (mmseg: 0.4); 0 builds no auxiliary head.
@@ -310,7 +334,8 @@ class UperNetSegmentationHead(nn.Module):
     def __init__(self, stage_channels: Sequence[int], num_classes: int, channels: int = 512, aux_weight: float = 0.4):
         super().__init__()
         # UPerNetDecoder skips the stride-1 and stride-2 entries of its input list and normalises the others.
-        self.decoder = UPerNetDecoder([3, 0, *stage_channels], encoder_depth=5, decoder_channels=channels)
+        self.decoder = kaiming_fan_out_convs(UPerNetDecoder([3, 0, *stage_channels], encoder_depth=5,
+                                                            decoder_channels=channels))
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = segmentation_classifier(channels, num_classes)
         self.aux_weight = aux_weight
