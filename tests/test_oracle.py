@@ -453,8 +453,9 @@ def test_random_rescale_sizes_equal_mmsegs_random_resize():
 def test_resizes_equal_opencvs_as_mmcv_calls_them():
     """``resize_bilinear`` and ``resize_nearest`` against ``cv2.resize`` (INTER_LINEAR for images, INTER_NEAREST
     for label maps, as mmcv's ``imresize`` calls it for mmdet's and mmseg's ``Resize``), over 100 random sizes,
-    shrinking and enlarging: images within one level (OpenCV rounds in fixed point), 0.2 on average; label maps
-    equal. PIL's bilinear, which antialiases when it shrinks, is 5 levels off on average."""
+    shrinking and enlarging: images within one level (OpenCV rounds in fixed point), under 0.2 on average
+    (measured: 0.13); label maps equal. PIL's bilinear, which antialiases when it shrinks, is more than 5 levels
+    off on average (measured: 12.7)."""
     import cv2
     from PIL import Image
 
