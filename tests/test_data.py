@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mthl_ds.data.convert import convert, convert_world
+from mthl_ds.data.images import resize_bilinear
 from mthl_ds.data.pipelines import IGNORE_INDEX, DatasetLoader, PipelineConfig, eval_loader, make_decoder
 from mthl_ds.data.reader import ShardSet, TrainStream, read_shard
 from mthl_ds.data.sampler import TwoStepSampler
@@ -346,6 +347,19 @@ def test_real_size_data_benchmark_gives_workers_per_gpu():
         assert r["workers_per_gpu"] == math.ceil(r["images_per_s_needed"] / r["images_per_s_per_worker"]) >= 1
     assert rows["classification"]["images_per_s_needed"] == pytest.approx(
         64 / rows["classification"]["v100_step_s"], rel=1e-2)
+
+
+def test_a_window_of_the_bilinear_resize_equals_that_part_of_the_whole_one():
+    """The segmentation training crop is resized alone (``resize_bilinear(..., window=...)``): bit for bit the
+    crop of the whole resized image, windows reaching past its edge included, shrinking and enlarging."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        (h, w), (new_h, new_w) = rng.integers(2, 120, 2).tolist(), rng.integers(1, 240, 2).tolist()
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        top, left = int(rng.integers(0, new_h)), int(rng.integers(0, new_w))
+        crop_h, crop_w = rng.integers(1, 80, 2).tolist()
+        whole = resize_bilinear(img, new_h, new_w)[top:top + crop_h, left:left + crop_w]
+        assert np.array_equal(resize_bilinear(img, new_h, new_w, window=(top, left, crop_h, crop_w)), whole)
 
 
 def test_segmentation_training_redraws_one_class_crops_and_distorts_colours_as_mmseg():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -150,12 +150,17 @@ def linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return first, np.minimum(first + 1, src - 1), weight
 
 
-def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bilinear(img: np.ndarray, height: int, width: int,
+                    window: Optional[tuple[int, int, int, int]] = None) -> np.ndarray:
     """An 8-bit (H, W, C) image resized to (height, width) as ``cv2.resize(INTER_LINEAR)``, which mmdet's and
     mmseg's ``Resize`` use: no antialiasing when it shrinks (PIL's bilinear filter widens to the scale). Computed
-    in float and rounded, where OpenCV uses fixed point: within one level of it."""
+    in float and rounded, where OpenCV uses fixed point: within one level of it. ``window`` (top, left, h, w):
+    only that part of the resized image, the same values computed alone (a training crop costs its own size)."""
     top, bottom, wy = linear_taps(img.shape[0], height)
     left, right, wx = linear_taps(img.shape[1], width)
+    if window is not None:
+        rows, cols = slice(window[0], window[0] + window[2]), slice(window[1], window[1] + window[3])
+        top, bottom, wy, left, right, wx = top[rows], bottom[rows], wy[rows], left[cols], right[cols], wx[cols]
     rows = img[top].astype(np.float32) * (1 - wy[:, None, None]) + img[bottom] * wy[:, None, None]
     out = rows[:, left] * (1 - wx[None, :, None]) + rows[:, right] * wx[None, :, None]
     return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)

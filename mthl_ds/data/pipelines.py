@@ -250,9 +250,10 @@ def segmentation_decoder(cfg: PipelineConfig, train: bool) -> Callable:
         labels = MaskLabels.of(json.loads(sample["json"]))
         if train:
             new_h, new_w = random_rescale(rng, img.height, img.width, min(crop_h, crop_w), cfg.scale_range)
-            pixels, mask = resize_bilinear(np.asarray(img), new_h, new_w), resize_nearest(original, new_h, new_w)
+            mask = resize_nearest(original, new_h, new_w)
             top, left = crop_origin(rng, mask_classes(mask, labels).numpy(), crop_h, crop_w)
-            pixels, mask = pixels[top:top + crop_h, left:left + crop_w], mask[top:top + crop_h, left:left + crop_w]
+            pixels = resize_bilinear(np.asarray(img), new_h, new_w, window=(top, left, crop_h, crop_w))
+            mask = mask[top:top + crop_h, left:left + crop_w]
             if rng.random() < 0.5:
                 pixels, mask = pixels[:, ::-1], mask[:, ::-1]
             pixels = photometric_distortion(rng, pixels)
