@@ -159,8 +159,8 @@ def resize_bilinear(img: np.ndarray, height: int, width: int,
     top, bottom, wy = linear_taps(img.shape[0], height)
     left, right, wx = linear_taps(img.shape[1], width)
     if window is not None:
-        rows, cols = slice(window[0], window[0] + window[2]), slice(window[1], window[1] + window[3])
-        top, bottom, wy, left, right, wx = top[rows], bottom[rows], wy[rows], left[cols], right[cols], wx[cols]
+        ys, xs = slice(window[0], window[0] + window[2]), slice(window[1], window[1] + window[3])
+        top, bottom, wy, left, right, wx = top[ys], bottom[ys], wy[ys], left[xs], right[xs], wx[xs]
     rows = img[top].astype(np.float32) * (1 - wy[:, None, None]) + img[bottom] * wy[:, None, None]
     out = rows[:, left] * (1 - wx[None, :, None]) + rows[:, right] * wx[None, :, None]
     return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
