@@ -11,7 +11,7 @@ from workers.moe_ranks import EP_OVERRIDES, global_batch
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.models.counting import count_flops
-from mthl_ds.moe.grouped import backend, grouped_mm_works, run_groups
+from mthl_ds.moe.grouped import LoopedExperts, backend, combine, grouped_mm_works, run_and_combine, run_groups
 
 ONE_PROCESS = [o for o in EP_OVERRIDES if not o.startswith("train.ep_size")]  # drop_tokens=false: nothing dropped
 
@@ -72,6 +72,71 @@ def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gra
     for e, count in enumerate(counts):
         assert experts[e].fc1.weight.grad is not None
         assert bool(experts[e].fc1.weight.grad.any()) == (count > 0)
+
+
+def routed(count=3, dim=6, hidden=5, tokens=5, dtype=torch.float64, act_layer=torch.nn.GELU, device="cpu"):
+    """Experts, tokens and rows in expert order as the layer makes them: counts [4, 0, 5] (an empty expert), token
+    0 routed to experts 0 and 2 (so its output sums two gated rows), token 3 to expert 0 only."""
+    torch.manual_seed(0)
+    experts = [Mlp(dim, hidden, act_layer=act_layer).to(device, dtype) for _ in range(count)]
+    counts = [4, 0, 5]
+    x = torch.randn(tokens, dim, dtype=dtype).to(device).requires_grad_()
+    source = torch.tensor([0, 1, 2, 3, 0, 1, 2, 4, 4], device=device)
+    gate_dtype = torch.promote_types(dtype, torch.float32)  # the gate's values are float32 (float64 for gradcheck)
+    gates = torch.rand(len(source), dtype=gate_dtype).to(device).requires_grad_()
+    return experts, x, source, gates, counts
+
+
+@pytest.mark.parametrize("act_layer", [torch.nn.GELU, torch.nn.SiLU])
+def test_looped_experts_gradients_are_the_derivatives_of_their_outputs(act_layer):
+    """torch's gradcheck in float64 (finite differences against the hand-written backward) for the tokens, the
+    gates and every expert's weights and biases; GELU uses its own kernel, any other activation autograd."""
+    experts, x, source, gates, counts = routed(act_layer=act_layer)
+    params = [p for m in experts for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+    assert torch.autograd.gradcheck(
+        lambda t, g, *ps: LoopedExperts.apply(t, source, g, counts, experts[0].act, *ps), (x, gates, *params))
+
+
+CUDA = pytest.mark.cuda  # skipped, with the reason, where CUDA is not available (conftest.py)
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.float32, marks=CUDA),
+                                           pytest.param("cuda", torch.float16, marks=CUDA),
+                                           pytest.param("cuda", torch.bfloat16, marks=CUDA)])
+def test_looped_experts_equal_gather_experts_then_combine(device, dtype):
+    """The fused looped experts against the same experts as separate ops (gather the rows, :func:`run_groups`,
+    :func:`combine`): outputs and gradients of tokens, gates and weights agree, to half precision's rounding in
+    fp16 and bf16 (each fused step rounds the same values in another order). CUDA runs it where fp16 (V100s)
+    or a GPU without grouped kernels has no ``grouped_mm``."""
+    experts, x, source, gates, counts = routed(dtype=dtype, device=device)
+    results = []
+    for fused in (True, False):
+        for m in experts:
+            m.zero_grad()
+        inputs, gate_values = x.detach().clone().requires_grad_(), gates.detach().clone().requires_grad_()
+        if fused:
+            out = run_and_combine(experts, inputs, source, gate_values, torch.tensor(counts, device=device), "looped")
+        else:
+            rows = run_groups(experts, inputs.index_select(0, source), torch.tensor(counts, device=device), "looped")
+            out = combine(rows, source, gate_values, inputs.shape)
+        out.float().square().sum().backward()
+        results.append([out, inputs.grad, gate_values.grad] + [p.grad for m in experts for p in m.parameters()])
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    empty_fc1_weight = 3 + 4 * 1  # after out, tokens and gates: expert 1's four parameters
+    assert not results[0][empty_fc1_weight].any()  # the empty expert: a zero gradient, as in the capacity path
+
+
+def test_looped_experts_with_frozen_experts_give_only_input_and_gate_gradients():
+    """Router-only adaptation freezes the experts: no weight gradient is made, the tokens' and gates' still are."""
+    experts, x, source, gates, counts = routed()
+    for p in (p for m in experts for p in m.parameters()):
+        p.requires_grad_(False)
+    run_and_combine(experts, x, source, gates, torch.tensor(counts), "looped").sum().backward()
+    assert x.grad is not None and gates.grad is not None and x.grad.any() and gates.grad.any()
+    assert all(p.grad is None for m in experts for p in m.parameters())
 
 
 @pytest.mark.skipif(not grouped_mm_works(torch.device("cpu"), torch.bfloat16),

@@ -6,8 +6,9 @@ Two ways, chosen per device and dtype the first time they are met, and logged on
   Megatron-Core run), on CUDA where a probe call in that dtype succeeds (bf16 on sm90 GPUs). The CPU has the
   op too (bf16, fp16) but as a reference kernel slower than the loop. Each expert keeps its own parameters:
   they are stacked per call.
-- ``looped``: each expert's MLP on its slice (the counts are read on the host once per call). V100s (fp16, no
-  grouped kernels) run this way.
+- ``looped``: each expert's MLP on its rows (the counts are read on the host once per call). V100s (fp16, no
+  grouped kernels) run this way. Where the rows' tokens and gates are at hand (one expert-parallel rank),
+  :class:`LoopedExperts` also gathers each expert's rows and adds its gated outputs onto their tokens as it goes.
 
 Both compute ``fc2(act(fc1(x)))`` of timm's ``Mlp`` (its dropouts are 0 and its norm is an identity here).
 """
@@ -66,3 +67,88 @@ def run_groups(mlps: Sequence[nn.Module], x: Tensor, counts: Tensor, choice: str
         raise ValueError(f"unknown grouped-expert backend {choice!r}; use grouped_mm or looped")
     # every expert runs, an empty one on 0 rows: its parameters get a zero gradient, as in the capacity path
     return torch.cat([mlp(part) for mlp, part in zip(mlps, x.split(counts.tolist()))])
+
+
+def combine(outputs: Tensor, source: Tensor, gates: Tensor, shape: torch.Size) -> Tensor:
+    """``[rows, d] -> shape``: each row's output weighted by its gate and added onto token ``source[row]``, in
+    float32 or wider (as DeepSpeed combines half-precision outputs), returned in the outputs' dtype."""
+    wide = torch.promote_types(outputs.dtype, torch.float32)
+    weighted = outputs.to(wide) * gates.to(wide).unsqueeze(1)
+    return torch.zeros(shape, dtype=wide, device=outputs.device).index_add_(0, source, weighted).to(outputs.dtype)
+
+
+def run_and_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, gates: Tensor, counts: Tensor,
+                    choice: str | None = None) -> Tensor:
+    """``[S, d] -> [S, d]``: ``combine(run_groups(mlps, tokens[source], counts), source, gates)``, the rows in
+    expert order (``counts[e]`` rows for expert e). The looped backend runs it as one :class:`LoopedExperts`."""
+    choice = choice or backend(tokens.device, tokens.dtype)
+    if choice != "looped":
+        return combine(run_groups(mlps, tokens.index_select(0, source), counts, choice), source, gates, tokens.shape)
+    params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+    return LoopedExperts.apply(tokens, source, gates, counts.tolist(), mlps[0].act, *params)
+
+
+class LoopedExperts(torch.autograd.Function):
+    """:func:`run_and_combine` with the experts one by one: expert e gathers its rows, runs its MLP, weights the
+    outputs by their gates and adds them onto their tokens, and backward does the same in reverse, each step on
+    rows still in cache. Against the composition of gather, :func:`run_groups` and :func:`combine` it skips the
+    concatenation of the experts' outputs (and of their input gradients) and the separate passes over all rows
+    that weight outputs and gradients. The same values: outputs and gradients equal the composition's to rounding.
+
+    Apply as ``LoopedExperts.apply(tokens, source, gates, counts, act, *params)`` with ``counts`` a list of ints
+    and ``params`` each expert's ``fc1.weight, fc1.bias, fc2.weight, fc2.bias`` in turn.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int], act: nn.Module,
+                *params: Tensor) -> Tensor:
+        wide = torch.promote_types(tokens.dtype, torch.float32)  # the sums, as in combine()
+        out = torch.zeros(tokens.shape, dtype=wide, device=tokens.device)
+        saved = []
+        for e, (src, gate) in enumerate(zip(source.split(counts), gates.split(counts))):
+            w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+            x = tokens.index_select(0, src)
+            hidden = torch.addmm(b1, x, w1.t())
+            activated = act(hidden)
+            y = torch.addmm(b2, activated, w2.t())
+            out.index_add_(0, src, y.to(wide) * gate.to(wide).unsqueeze(1))
+            saved += [x, hidden, activated, y]
+        ctx.counts, ctx.act = counts, act
+        ctx.save_for_backward(source, gates, *params, *saved)
+        return out.to(tokens.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        source, gates, *rest = ctx.saved_tensors
+        experts = len(ctx.counts)
+        params, saved = rest[:4 * experts], rest[4 * experts:]
+        need_tokens, need_gates, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(
+            ctx.needs_input_grad[5:])
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        grad_wide = grad.to(wide)
+        grad_tokens = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device) if need_tokens else None
+        grad_gates, grad_params = [], []
+        for e, (src, gate) in enumerate(zip(source.split(ctx.counts), gates.split(ctx.counts))):
+            w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+            x, hidden, activated, y = saved[4 * e:4 * e + 4]
+            grad_y = grad_wide.index_select(0, src)
+            if need_gates:
+                grad_gates.append((grad_y * y.to(wide)).sum(1).to(gates.dtype))
+            grad_y = (grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype)
+            grad_hidden = activation_backward(ctx.act, grad_y @ w2, hidden)
+            if need_params:
+                grad_params += [grad_hidden.t() @ x, grad_hidden.sum(0), grad_y.t() @ activated, grad_y.sum(0)]
+            if need_tokens:
+                grad_tokens.index_add_(0, src, grad_hidden @ w1)
+        return (grad_tokens, None, torch.cat(grad_gates) if need_gates else None, None, None,
+                *(grad_params if need_params else [None] * len(params)))
+
+
+def activation_backward(act: nn.Module, grad: Tensor, hidden: Tensor) -> Tensor:
+    """The gradient at ``hidden`` of ``act(hidden)`` given ``grad`` at its output: GELU's own kernel, any other
+    activation through autograd on a recomputation."""
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_backward(grad, hidden, approximate=act.approximate)
+    with torch.enable_grad():
+        leaf = hidden.detach().requires_grad_()
+        return torch.autograd.grad(act(leaf), leaf, grad)[0]

@@ -13,7 +13,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from mthl_ds.moe.gate import PerDatasetGate, Routes, exclusive_cumsum
-from mthl_ds.moe.grouped import run_groups
+from mthl_ds.moe.grouped import combine, run_and_combine, run_groups
 from mthl_ds.runtime.collectives import all_to_all_equal, all_to_all_rows
 
 UPCYCLE_MODES = ("copy", "split")
@@ -127,8 +127,8 @@ class MoEMlp(MoE):
 
     def forward_dropless(self, tokens: Tensor, routes: Routes) -> Tensor:
         """Every route, none dropped: routes in expert order (from the gate's slots, no sort), each expert run on
-        exactly its rows (:func:`grouped.run_groups`), the outputs weighted by their gates and added back onto
-        their tokens.
+        exactly its rows, the outputs weighted by their gates and added back onto their tokens
+        (:func:`grouped.run_and_combine`).
         Across expert-parallel ranks the per-expert counts are exchanged first, then the rows, in pieces of
         those sizes (nothing padded); the counts are read on the host once per call to size the exchange."""
         moe = self.deepspeed_moe
@@ -137,23 +137,20 @@ class MoEMlp(MoE):
         row = (exclusive_cumsum(counts)[routes.indices.long()] + routes.locations).flatten()
         order = torch.empty_like(row).scatter_(0, row, torch.arange(len(row), device=row.device))
         source = order % tokens.shape[0]  # route k of token s is route k * S + s
-        rows = tokens.index_select(0, source)
-        if moe.ep_size > 1:
-            local = self.num_local_experts
-            received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]
-            send, receive = counts.view(moe.ep_size, local).sum(1).tolist(), received.sum(1).tolist()
-            rows = all_to_all_rows(rows, send, receive, moe.ep_group)
-            # received by (source rank, local expert); the experts want (local expert, source rank)
-            row_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(moe.ep_size),
-                                                 received.flatten(), output_size=len(rows))
-            by_expert = row_expert.argsort(stable=True)
-            outputs = run_groups(self.local_mlps, rows[by_expert], received.sum(0))
-            outputs = all_to_all_rows(outputs[by_expert.argsort()], receive, send, moe.ep_group)
-        else:
-            outputs = run_groups(self.local_mlps, rows, counts)
-        weighted = outputs.float() * routes.gates.flatten()[order].float().unsqueeze(1)
-        combined = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device).index_add_(0, source, weighted)
-        return combined.to(outputs.dtype)
+        gates = routes.gates.flatten()[order]
+        if moe.ep_size == 1:
+            return run_and_combine(self.local_mlps, tokens, source, gates, counts)
+        local = self.num_local_experts
+        received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]
+        send, receive = counts.view(moe.ep_size, local).sum(1).tolist(), received.sum(1).tolist()
+        rows = all_to_all_rows(tokens.index_select(0, source), send, receive, moe.ep_group)
+        # received by (source rank, local expert); the experts want (local expert, source rank)
+        row_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(moe.ep_size),
+                                             received.flatten(), output_size=len(rows))
+        by_expert = row_expert.argsort(stable=True)
+        outputs = run_groups(self.local_mlps, rows[by_expert], received.sum(0))
+        outputs = all_to_all_rows(outputs[by_expert.argsort()], receive, send, moe.ep_group)
+        return combine(outputs, source, gates, tokens.shape)
 
     def run_experts(self, dispatched: Tensor) -> Tensor:
         """``[ep, local experts, C, d] -> same``: each local expert on the slots every rank sent it."""
