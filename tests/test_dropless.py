@@ -11,7 +11,8 @@ from workers.moe_ranks import EP_OVERRIDES, global_batch
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.models.counting import count_flops
-from mthl_ds.moe.grouped import LoopedExperts, backend, combine, grouped_mm_works, run_and_combine, run_groups
+from mthl_ds.moe.grouped import (LoopedExperts, backend, combine, grouped_mm_works, padded_count, run_and_combine,
+                                 run_groups)
 
 ONE_PROCESS = [o for o in EP_OVERRIDES if not o.startswith("train.ep_size")]  # drop_tokens=false: nothing dropped
 
@@ -60,11 +61,13 @@ def mlps(count=3, dim=16, hidden=32):
     return [Mlp(dim, hidden) for _ in range(count)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 on the CPU: rows padded
 @pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 12], [4, 4, 4]])
-def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gradients(counts):
-    experts = mlps()
-    x = torch.randn(sum(counts), 16, requires_grad=True)
+def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gradients(counts, dtype):
+    experts = [m.to(dtype) for m in mlps()]
+    x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
     out = run_groups(experts, x, torch.tensor(counts), "looped")
+    assert out.shape == x.shape
     starts = [sum(counts[:e]) for e in range(3)]
     for e, (start, count) in enumerate(zip(starts, counts)):
         torch.testing.assert_close(out[start:start + count], experts[e](x[start:start + count]))
@@ -72,6 +75,19 @@ def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gra
     for e, count in enumerate(counts):
         assert experts[e].fc1.weight.grad is not None
         assert bool(experts[e].fc1.weight.grad.any()) == (count > 0)
+
+
+def test_padded_count_gives_few_sizes_near_the_rows_on_the_cpu_in_half_precision_only():
+    """On the CPU in bf16 / fp16: at least the rows, a multiple of 16, at most 1/8 more from 128 rows on, and at
+    most 8 sizes per octave (oneDNN's kernels are built per shape); 0 stays 0. fp32, and CUDA, run the rows."""
+    cpu = torch.device("cpu")
+    sizes = [padded_count(n, cpu, torch.bfloat16) for n in range(1, 20000)]
+    for n, size in zip(range(1, 20000), sizes):
+        assert n <= size and size % 16 == 0 and (n < 128 or size <= n * 9 / 8), (n, size)
+    for low in (128, 1024, 8192):
+        assert len({s for n, s in enumerate(sizes, 1) if low < n <= 2 * low}) == 8
+    assert padded_count(0, cpu, torch.float16) == 0 and padded_count(300, cpu, torch.float16) == 320
+    assert padded_count(300, cpu, torch.float32) == 300 and padded_count(300, torch.device("cuda"), torch.bfloat16) == 300
 
 
 def routed(count=3, dim=6, hidden=5, tokens=5, dtype=torch.float64, act_layer=torch.nn.GELU, device="cpu"):
@@ -167,9 +183,11 @@ def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
         inputs = x.clone().requires_grad_()
         run_groups(experts, inputs, counts, choice).float().square().sum().backward()
 
-    # torch's FLOP counter counts the grouped kernel (here) as the loop's matmuls
+    # torch's FLOP counter counts the grouped kernel (here) as matmuls over the 16 rows (d 16, hidden 32); the
+    # CPU's bf16 loop runs each expert's rows padded to 16 (5 + 0 + 11 -> 16 + 0 + 16)
     flops = {choice: count_flops(lambda: forward_backward(choice)) for choice in ("grouped_mm", "looped")}
-    assert flops["grouped_mm"] == flops["looped"] == 3 * 2 * 16 * (16 * 32 + 32 * 16)  # 16 rows, d 16, hidden 32
+    assert flops["grouped_mm"] == 3 * 2 * 16 * (16 * 32 + 32 * 16)
+    assert flops["looped"] == 3 * 2 * 32 * (16 * 32 + 32 * 16)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ Two ways, chosen per device and dtype the first time they are met, and logged on
 - ``looped``: each expert's MLP on its rows (the counts are read on the host once per call). V100s (fp16, no
   grouped kernels) run this way. Where the rows' tokens and gates are at hand (one expert-parallel rank),
   :class:`LoopedExperts` also gathers each expert's rows and adds its gated outputs onto their tokens as it goes.
+  On the CPU in bf16 / fp16 each expert's rows are padded to one of a few sizes (:func:`padded_count`).
 
 Both compute ``fc2(act(fc1(x)))`` of timm's ``Mlp`` (its dropouts are 0 and its norm is an identity here).
 """
@@ -18,6 +19,7 @@ import logging
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger("mthl_ds.moe")
@@ -66,7 +68,25 @@ def run_groups(mlps: Sequence[nn.Module], x: Tensor, counts: Tensor, choice: str
     if choice != "looped":
         raise ValueError(f"unknown grouped-expert backend {choice!r}; use grouped_mm or looped")
     # every expert runs, an empty one on 0 rows: its parameters get a zero gradient, as in the capacity path
-    return torch.cat([mlp(part) for mlp, part in zip(mlps, x.split(counts.tolist()))])
+    return torch.cat([mlp(pad_rows(part))[:len(part)] for mlp, part in zip(mlps, x.split(counts.tolist()))])
+
+
+def padded_count(rows: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many rows a looped expert runs for its ``rows``: on the CPU in bf16 / fp16 the next of 8 sizes per
+    octave (a multiple of 16, at most 1/8 more rows from 128 on), elsewhere ``rows``. In these dtypes oneDNN
+    builds a matmul kernel for each new shape, and the experts' row counts change at every step: their matmuls
+    took 4-7x as long as at fixed shapes, 1.0-1.1x as long at these sizes (README, "Dropless dispatch"). The
+    padded rows are zeros whose outputs are never used, so they add nothing to any gradient."""
+    if rows == 0 or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return rows
+    step = max(16, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
+def pad_rows(rows: Tensor) -> Tensor:
+    """``rows`` with zero rows appended up to :func:`padded_count` (``rows`` itself where nothing is added)."""
+    padding = padded_count(len(rows), rows.device, rows.dtype) - len(rows)
+    return F.pad(rows, (0, 0, 0, padding)) if padding else rows
 
 
 def combine(outputs: Tensor, source: Tensor, gates: Tensor, shape: torch.Size) -> Tensor:
@@ -107,11 +127,11 @@ class LoopedExperts(torch.autograd.Function):
         saved = []
         for e, (src, gate) in enumerate(zip(source.split(counts), gates.split(counts))):
             w1, b1, w2, b2 = params[4 * e:4 * e + 4]
-            x = tokens.index_select(0, src)
+            x = pad_rows(tokens.index_select(0, src))
             hidden = torch.addmm(b1, x, w1.t())
             activated = act(hidden)
             y = torch.addmm(b2, activated, w2.t())
-            out.index_add_(0, src, y.to(wide) * gate.to(wide).unsqueeze(1))
+            out.index_add_(0, src, y[:len(src)].to(wide) * gate.to(wide).unsqueeze(1))
             saved += [x, hidden, activated, y]
         ctx.counts, ctx.act = counts, act
         ctx.save_for_backward(source, gates, *params, *saved)
@@ -133,13 +153,13 @@ class LoopedExperts(torch.autograd.Function):
             x, hidden, activated, y = saved[4 * e:4 * e + 4]
             grad_y = grad_wide.index_select(0, src)
             if need_gates:
-                grad_gates.append((grad_y * y.to(wide)).sum(1).to(gates.dtype))
-            grad_y = (grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype)
+                grad_gates.append((grad_y * y[:len(src)].to(wide)).sum(1).to(gates.dtype))
+            grad_y = pad_rows((grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype))  # zeros on the padded rows
             grad_hidden = activation_backward(ctx.act, grad_y @ w2, hidden)
             if need_params:
                 grad_params += [grad_hidden.t() @ x, grad_hidden.sum(0), grad_y.t() @ activated, grad_y.sum(0)]
             if need_tokens:
-                grad_tokens.index_add_(0, src, grad_hidden @ w1)
+                grad_tokens.index_add_(0, src, (grad_hidden @ w1)[:len(src)])
         return (grad_tokens, None, torch.cat(grad_gates) if need_gates else None, None, None,
                 *(grad_params if need_params else [None] * len(params)))
 

@@ -1,0 +1,82 @@
+"""Whether the looped experts' matmuls pay for row counts that change at every step, and what padding them to a
+few sizes (:func:`mthl_ds.moe.grouped.padded_count`) buys back. Forward plus backward of 12 expert MLPs
+(hidden 4 d / K, K = 4) on K x S rows, against the dense ``Mlp(d, 4 d)`` on S rows:
+
+- ``fixed``: the same counts at every call;
+- ``new``: new counts at every call (each expert's share drawn between 0.5 and 1.5 of the mean), rows as they are;
+- ``padded``: new counts at every call through ``run_groups`` (the layer's looped path, which pads where
+  ``padded_count`` says so: the CPU in bf16 / fp16).
+
+Each is warmed up with 10 calls, then timed as the median of 11. Run as
+``python -m mthl_ds.studies.bench.expert_shapes bfloat16 96x25088 384x1568 768x392`` (dtype, then width x rows;
+those are the ImageNet batch-8 stage shapes of Swin-T's widths 96, 384 and 768).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from timm.layers import Mlp
+
+from mthl_ds.moe.grouped import run_groups
+
+EXPERTS, TOP_K = 12, 4
+
+
+def new_counts(rows: int, generator: torch.Generator) -> list[int]:
+    share = torch.rand(EXPERTS, generator=generator) + 0.5
+    counts = (share / share.sum() * rows).long()
+    counts[0] += rows - counts.sum()
+    return counts.tolist()
+
+
+def median_ms(call: Callable[[], None], warmup: int = 10, repeats: int = 11) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def measure(dtype: torch.dtype, width: int, tokens: int) -> dict[str, float]:
+    """Milliseconds of the dense MLP, and the three expert cases as ratios to it."""
+    generator = torch.Generator().manual_seed(0)
+    dense = Mlp(width, 4 * width).to(dtype)
+    experts = [Mlp(width, 4 * width // TOP_K).to(dtype) for _ in range(EXPERTS)]
+    x = torch.randn(tokens, width, dtype=dtype, requires_grad=True)
+    rows = torch.randn(TOP_K * tokens, width, dtype=dtype, requires_grad=True)
+    fixed = new_counts(len(rows), generator)
+
+    def unpadded(counts: list[int]) -> None:
+        torch.cat([m(part) for m, part in zip(experts, rows.split(counts))]).float().sum().backward()
+
+    def padded() -> None:
+        run_groups(experts, rows, torch.tensor(new_counts(len(rows), generator)), "looped").float().sum().backward()
+
+    dense_ms = median_ms(lambda: dense(x).float().sum().backward())
+    cases = {"fixed": lambda: unpadded(fixed), "new": lambda: unpadded(new_counts(len(rows), generator)),
+             "padded": padded}
+    return {"dense_ms": dense_ms, **{name: median_ms(call) / dense_ms for name, call in cases.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("shapes", nargs="+", help="WIDTHxROWS, e.g. 384x1568")
+    args = parser.parse_args()
+    print("| dtype | width | rows | dense ms | fixed | new | padded |\n|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        width, tokens = map(int, shape.lower().split("x"))
+        r = measure(getattr(torch, args.dtype), width, tokens)
+        print(f"| {args.dtype} | {width} | {tokens} | {r['dense_ms']:.1f} | {r['fixed']:.2f} | {r['new']:.2f} | "
+              f"{r['padded']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
