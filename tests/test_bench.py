@@ -77,7 +77,9 @@ def test_moe_bench_rows_compare_the_four_layers_and_the_gate_at_each_stage_width
 
 def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
     """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity,
-    MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1) and only the capacity model dropping routes."""
+    MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1; above it for dropless in bf16, whose
+    experts run their rows padded on the CPU, and more so for the demo's few rows each) and only the capacity
+    model dropping routes."""
     from mthl_ds.cli import main
     from mthl_ds.studies.bench.step import CANDIDATES
     assert main(["bench", "step", "--recipe", "demo", "--precisions", "fp32,bf16", "--repeats", "1",
@@ -87,10 +89,13 @@ def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset
     assert [(r["precision"], r["dataset"], r["candidate"]) for r in rows] == [
         (p, d, c) for p in ("fp32", "bf16") for d in ("imagenet", "coco", "ade20k") for c in CANDIDATES]
     for r in rows:
-        assert r["ms"] > 0 and 0.99 < r["flops_ratio"] < 1.05, r
+        padded = r["candidate"] == "MTHL dropless" and r["precision"] == "bf16"
+        assert r["ms"] > 0 and 0.99 < r["flops_ratio"] < (1.25 if padded else 1.05), r
         if r["candidate"] == "MTHL.D":
             assert r["ratio"] == 1.0 and r["met"] is None and r["dropped"] == ""
         else:
             assert r["ratio"] > 0 and isinstance(r["met"], bool) and r["dropped"].endswith("%"), r
+    dropless = {(r["precision"], r["dataset"]): r["flops_ratio"] for r in rows if r["candidate"] == "MTHL dropless"}
+    assert all(dropless["bf16", d] > dropless["fp32", d] for d in ("imagenet", "coco", "ade20k"))
     assert any(r["dropped"] != "0.0%" for r in rows if r["candidate"] == "MTHL capacity")
     assert all(r["dropped"] == "0.0%" for r in rows if r["candidate"] == "MTHL dropless")
