@@ -75,7 +75,7 @@ def padded_count(rows: int, device: torch.device, dtype: torch.dtype) -> int:
     """How many rows a looped expert runs for its ``rows``: on the CPU in bf16 / fp16 the next of 8 sizes per
     octave (a multiple of 16, at most 1/8 more rows from 128 on), elsewhere ``rows``. In these dtypes oneDNN
     builds a matmul kernel for each new shape, and the experts' row counts change at every step: at Swin-T's
-    ImageNet shapes their forward and backward took 2-3.7x as long as at fixed counts, and 1.0-1.5x at these
+    ImageNet shapes their forward and backward took 1.8-3.3x as long as at fixed counts, and 0.9-1.2x at these
     sizes (README, "Dropless dispatch"). The padded rows are zeros whose outputs are never used, so they add
     nothing to any gradient."""
     if rows == 0 or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):

@@ -7,21 +7,20 @@ few sizes (:func:`mthl_ds.moe.grouped.padded_count`) buys back. Forward plus bac
 - ``padded``: new counts at every call through ``run_groups`` (the layer's looped path, which pads where
   ``padded_count`` says so: the CPU in bf16 / fp16).
 
-Each is warmed up with 10 calls, then timed as the median of 11. Run as
+Each is warmed up with 10 calls, then timed alternately with the dense MLP (``side_by_side``), the median ratio
+of 11. Run as
 ``python -m mthl_ds.studies.bench.expert_shapes bfloat16 96x25088 384x1568 768x392`` (dtype, then width x rows;
 those are the ImageNet batch-8 stage shapes of Swin-T's widths 96, 384 and 768).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 from timm.layers import Mlp
 
 from mthl_ds.moe.grouped import run_groups
+from mthl_ds.studies.bench.common import side_by_side
 
 EXPERTS, TOP_K = 12, 4
 
@@ -31,17 +30,6 @@ def new_counts(rows: int, generator: torch.Generator) -> list[int]:
     counts = (share / share.sum() * rows).long()
     counts[0] += rows - counts.sum()
     return counts.tolist()
-
-
-def median_ms(call: Callable[[], None], warmup: int = 10, repeats: int = 11) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def measure(dtype: torch.dtype, width: int, tokens: int) -> dict[str, float]:
@@ -59,10 +47,13 @@ def measure(dtype: torch.dtype, width: int, tokens: int) -> dict[str, float]:
     def padded() -> None:
         run_groups(experts, rows, torch.tensor(new_counts(len(rows), generator)), "looped").float().sum().backward()
 
-    dense_ms = median_ms(lambda: dense(x).float().sum().backward())
+    def dense_step() -> None:
+        dense(x).float().sum().backward()
+
     cases = {"fixed": lambda: unpadded(fixed), "new": lambda: unpadded(new_counts(len(rows), generator)),
              "padded": padded}
-    return {"dense_ms": dense_ms, **{name: median_ms(call) / dense_ms for name, call in cases.items()}}
+    ratios = {name: side_by_side(call, dense_step, repeats=11, warmup=10) for name, call in cases.items()}
+    return {"dense_ms": ratios["fixed"]["baseline_s"] * 1e3, **{n: r["ratio_median"] for n, r in ratios.items()}}
 
 
 def main() -> None:
