@@ -114,7 +114,8 @@ def cmd_bench(args) -> int:
         from mthl_ds.studies.bench.step import COLUMNS as columns
         from mthl_ds.studies.bench.step import run
         precisions = tuple(args.precisions.split(",")) if args.precisions else ("fp32", "bf16")
-        rows = run(args.recipe, precisions, repeats=args.repeats, progress=lambda row: print(json.dumps(row)))
+        rows = run(args.recipe, precisions, repeats=args.repeats, batches=args.batches,
+                   progress=lambda row: print(json.dumps(row)))
     elif args.suite == "large-image":
         from mthl_ds.studies.bench.large_image import run
         rows = run()
@@ -198,6 +199,17 @@ def data_arg(text: str) -> tuple[str, Path]:
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME=DIR")
     name, folder = text.split("=", 1)
     return name, Path(folder)
+
+
+def batch_sizes(text: str) -> dict[str, int]:
+    """``imagenet=64,coco=2`` -> ``{"imagenet": 64, "coco": 2}``."""
+    sizes = {}
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: use NAME=BATCH with a positive batch, e.g. imagenet=64")
+        sizes[name] = int(size)
+    return sizes
 
 
 def shard_set(folder: Path, split: str):
@@ -410,6 +422,9 @@ def main(argv=None) -> int:
                    "augmentations, and the workers per GPU that feed a V100 (at most 48 samples per loop)")
     p.add_argument("--recipe", default="mthl_swin_t", help="data --real-size, step: the recipe whose datasets to time")
     p.add_argument("--precisions", help="step: comma-separated, of fp32, bf16, fp16 (default fp32,bf16)")
+    p.add_argument("--batches", type=batch_sizes,
+                   help="step: batch size per dataset, e.g. imagenet=64,coco=2,ade20k=2 (the paper's per-GPU batches, "
+                        "the default with CUDA; on the CPU imagenet=8,coco=1,ade20k=2)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")
     p.set_defaults(fn=cmd_bench)

@@ -37,7 +37,7 @@ from mthl_ds.data.sampler import TwoStepSampler
 from mthl_ds.data.shards import ShardError
 from mthl_ds.errors import CheckpointError
 from mthl_ds.evaluate import evaluate, pipeline_config
-from mthl_ds.moe.grouped import backend
+from mthl_ds.moe.grouped import backend, capacity_backend
 from mthl_ds.runfiles import MetricsLog, keep_metrics, row_kind
 from mthl_ds.runtime import cpu_half
 from mthl_ds.runtime.collectives import all_gather_objects, all_reduce_, all_reduce_mean, all_reduce_sum, world
@@ -257,14 +257,14 @@ class Trainer:
         (folder / f"rank{self.rank}.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def moe_dispatch(self) -> str:
-        """How this run's MoE layers dispatch: ``capacity``, or ``dropless`` with the experts' backend on this
-        device and dtype (``mthl_ds.moe.grouped``); ``dense`` without MoE layers."""
+        """How this run's MoE layers dispatch, ``capacity`` or ``dropless``, with the experts' backend in training on
+        this device, dtype and expert-parallel size (``mthl_ds.moe.grouped``); ``dense`` without MoE layers."""
         if not self.model.backbone.moe_layers:
             return "dense"
         dispatch = self.recipe.model.moe.dispatch
         if dispatch == "dropless":
-            dispatch += f" (experts: {backend(self.device, self.model.dtype)})"
-        return dispatch
+            return f"{dispatch} (experts: {backend(self.device, self.model.dtype)})"
+        return f"{dispatch} (experts: {capacity_backend(self.device, self.recipe.train.ep_size)})"
 
     def record_exit(self) -> None:
         """Add the rank's peak resident memory and the steps it ran to its launch record."""

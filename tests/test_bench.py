@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from mthl_ds.runtime.engine import launcher_free_env
 from mthl_ds.studies.bench.suite import COLUMNS
 
@@ -69,25 +70,39 @@ def test_moe_bench_rows_compare_the_four_layers_and_the_gate_at_each_stage_width
         assert r["ms"] > 0 and r["ratio"] > 0, r
         if r["candidate"] == "dropless":
             assert 0.95 < r["flops_ratio"] < 1.1 and r["dropped"] == "0.0%" and r["note"] == "experts: looped", r
+        if r["candidate"] == "capacity":
+            assert r["note"] == "experts: looped", r  # one CPU rank
         if r["candidate"] == "dense":
             assert r["ratio"] == 1.0 and r["flops_ratio"] == 1.0
         if r["candidate"] == "gate":
             assert 0 < r["flops_ratio"] < 0.5 and r["dropped"] == "", r
 
 
-def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
-    """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity,
-    MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1; above it for dropless in bf16, whose
-    experts run their rows padded on the CPU, and more so for the demo's few rows each) and only the capacity
-    model dropping routes."""
+def test_step_bench_refuses_a_batch_for_a_dataset_the_recipe_does_not_train(capsys):
     from mthl_ds.cli import main
-    from mthl_ds.studies.bench.step import CANDIDATES
+    from mthl_ds.studies.bench.step import run
+    with pytest.raises(ValueError, match=r"\['pets'\], which recipe 'demo' does not train; its datasets: \['ade20k'"):
+        run("demo", ("fp32",), batches={"imagenet": 2, "pets": 4})
+    with pytest.raises(SystemExit):
+        main(["bench", "step", "--batches", "imagenet=0"])
+    assert "'imagenet=0': use NAME=BATCH with a positive batch" in capsys.readouterr().err
+
+
+def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
+    """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity
+    (on the CPU its experts looped, and batched), MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1; above it for dropless in bf16, whose
+    experts run their rows padded on the CPU, and more so for the demo's few rows each) and only the capacity
+    model dropping routes. ``--batches`` sets a dataset's batch; the others keep the CPU's (8, 1, 2)."""
+    from mthl_ds.cli import main
+    from mthl_ds.studies.bench.step import BATCHED, CANDIDATES
+    candidates = (CANDIDATES[0], BATCHED, *CANDIDATES[1:])  # the CPU: the capacity experts looped, and batched
     assert main(["bench", "step", "--recipe", "demo", "--precisions", "fp32,bf16", "--repeats", "1",
-                 "--out", str(tmp_path)]) == 0
+                 "--batches", "imagenet=16", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_step.json").read_text())
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == len(rows)
     assert [(r["precision"], r["dataset"], r["candidate"]) for r in rows] == [
-        (p, d, c) for p in ("fp32", "bf16") for d in ("imagenet", "coco", "ade20k") for c in CANDIDATES]
+        (p, d, c) for p in ("fp32", "bf16") for d in ("imagenet", "coco", "ade20k") for c in candidates]
+    assert {r["dataset"]: r["batch"] for r in rows} == {"imagenet": 16, "coco": 1, "ade20k": 2}
     for r in rows:
         padded = r["candidate"] == "MTHL dropless" and r["precision"] == "bf16"
         assert r["ms"] > 0 and 0.99 < r["flops_ratio"] < (1.25 if padded else 1.05), r
@@ -97,5 +112,5 @@ def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset
             assert r["ratio"] > 0 and isinstance(r["met"], bool) and r["dropped"].endswith("%"), r
     dropless = {(r["precision"], r["dataset"]): r["flops_ratio"] for r in rows if r["candidate"] == "MTHL dropless"}
     assert all(dropless["bf16", d] > dropless["fp32", d] for d in ("imagenet", "coco", "ade20k"))
-    assert any(r["dropped"] != "0.0%" for r in rows if r["candidate"] == "MTHL capacity")
+    assert any(r["dropped"] != "0.0%" for r in rows if r["candidate"] in ("MTHL capacity", BATCHED))
     assert all(r["dropped"] == "0.0%" for r in rows if r["candidate"] == "MTHL dropless")

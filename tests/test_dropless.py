@@ -11,8 +11,8 @@ from workers.moe_ranks import EP_OVERRIDES, global_batch
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.models.counting import count_flops
-from mthl_ds.moe.grouped import (LoopedExperts, backend, combine, grouped_mm_works, padded_count, run_and_combine,
-                                 run_groups)
+from mthl_ds.moe.grouped import (LoopedExperts, backend, capacity_backend, combine, grouped_mm_works, padded_count,
+                                 run_and_combine, run_groups)
 
 ONE_PROCESS = [o for o in EP_OVERRIDES if not o.startswith("train.ep_size")]  # drop_tokens=false: nothing dropped
 
@@ -77,6 +77,14 @@ def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gra
         assert bool(experts[e].fc1.weight.grad.any()) == (count > 0)
 
 
+def test_capacity_experts_loop_on_one_cpu_rank_only():
+    """The capacity path's experts in training: looped on the CPU with one expert-parallel rank (faster there),
+    batched (``bmm``) on a GPU and when an all-to-all exchanges the slots."""
+    assert capacity_backend(torch.device("cpu"), 1) == "looped"
+    assert capacity_backend(torch.device("cpu"), 2) == "batched"
+    assert capacity_backend(torch.device("cuda", 0), 1) == "batched"
+
+
 def test_padded_count_gives_few_sizes_near_the_rows_on_the_cpu_in_half_precision_only():
     """On the CPU in bf16 / fp16: at least the rows, a multiple of 16, at most 1/8 more from 128 rows on, and at
     most 8 sizes per octave (oneDNN's kernels are built per shape); 0 stays 0. fp32, and CUDA, run the rows."""
@@ -110,7 +118,7 @@ def test_looped_experts_gradients_are_the_derivatives_of_their_outputs(act_layer
     experts, x, source, gates, counts = routed(act_layer=act_layer)
     params = [p for m in experts for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
     assert torch.autograd.gradcheck(
-        lambda t, g, *ps: LoopedExperts.apply(t, source, g, counts, experts[0].act, *ps), (x, gates, *params))
+        lambda t, g, *ps: LoopedExperts.apply(t, source, g, counts, experts[0].act, True, *ps), (x, gates, *params))
 
 
 CUDA = pytest.mark.cuda  # skipped, with the reason, where CUDA is not available (conftest.py)

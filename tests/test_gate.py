@@ -91,14 +91,16 @@ def test_layer_output_matches_reference(renormalize):
     torch.testing.assert_close(y.double(), expected.reshape(3, 10, 12), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("experts", ["looped", "batched"])
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
-def test_layer_forward_equals_deepspeed_moe_layer(capacity_factor):
-    """Our dispatch / batched experts / combine against DeepSpeed's own MOELayer forward on the same gate
-    routes: outputs and every gradient (input, experts, router), with routes dropped over capacity, a
-    pruned logit and a frozen expert."""
+def test_layer_forward_equals_deepspeed_moe_layer(capacity_factor, experts):
+    """Our dispatch / experts / combine against DeepSpeed's own MOELayer forward on the same gate routes:
+    outputs and every gradient (input, experts, router), with routes dropped over capacity, a pruned logit and a
+    frozen expert; the experts both ways (``grouped.capacity_backend``: looped on one CPU rank, else batched)."""
     torch.manual_seed(4)
     gate = make_gate(k=2, num_experts=6, dim=12, capacity_factor=capacity_factor, loss_coefs={"mi": 1.0})
     layer = MoEMlp(12, 8, 6, gate)
+    layer.capacity_experts = experts
     layer.init_weights(seed=5)
     layer.keep_experts([0, 1, 2, 4, 5])  # expert 3's logit stays in the softmax, unselectable
     layer.local_mlps[1].requires_grad_(False)

@@ -12,6 +12,9 @@ Two ways, chosen per device and dtype the first time they are met, and logged on
   On the CPU in bf16 / fp16 each expert's rows are padded to one of a few sizes (:func:`padded_count`).
 
 Both compute ``fc2(act(fc1(x)))`` of timm's ``Mlp`` (its dropouts are 0 and its norm is an identity here).
+
+The capacity path's experts, C slots each, also run as one :class:`LoopedExperts` in training on one CPU rank
+(:func:`capacity_backend`): C is known without reading the device, and nothing is padded.
 """
 from __future__ import annotations
 
@@ -105,8 +108,24 @@ def run_and_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, g
     choice = choice or backend(tokens.device, tokens.dtype)
     if choice != "looped":
         return combine(run_groups(mlps, tokens.index_select(0, source), counts, choice), source, gates, tokens.shape)
+    return looped_combine(mlps, tokens, source, gates, counts.tolist(), pad=True)
+
+
+def looped_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int],
+                   pad: bool) -> Tensor:
+    """:class:`LoopedExperts` on ``mlps``: ``counts[e]`` rows (tokens ``source``, weights ``gates``) for expert e,
+    each padded to :func:`padded_count` rows if ``pad`` (row counts that change from call to call)."""
     params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
-    return LoopedExperts.apply(tokens, source, gates, counts.tolist(), mlps[0].act, *params)
+    return LoopedExperts.apply(tokens, source, gates, counts, mlps[0].act, pad, *params)
+
+
+def capacity_backend(device: torch.device, ep_size: int) -> str:
+    """How the capacity path runs a rank's experts on its ``[E, C, d]`` slots in training: ``looped`` (one
+    :class:`LoopedExperts` over C rows per expert, which reads no count from the device) on the CPU with one
+    expert-parallel rank, where it is faster than the batched form (README, "Dropless dispatch"); ``batched``
+    (two ``bmm`` per linear layer over the stacked slots) elsewhere: one kernel per layer on a GPU, and the form
+    the all-to-all of several expert-parallel ranks exchanges."""
+    return "looped" if device.type == "cpu" and ep_size == 1 else "batched"
 
 
 class LoopedExperts(torch.autograd.Function):
@@ -116,19 +135,21 @@ class LoopedExperts(torch.autograd.Function):
     concatenation of the experts' outputs (and of their input gradients) and the separate passes over all rows
     that weight outputs and gradients. The same values: outputs and gradients equal the composition's to rounding.
 
-    Apply as ``LoopedExperts.apply(tokens, source, gates, counts, act, *params)`` with ``counts`` a list of ints
-    and ``params`` each expert's ``fc1.weight, fc1.bias, fc2.weight, fc2.bias`` in turn.
+    Apply as ``LoopedExperts.apply(tokens, source, gates, counts, act, pad, *params)`` with ``counts`` a list of
+    ints, ``pad`` whether each expert's rows are padded (:func:`pad_rows`) and ``params`` each expert's
+    ``fc1.weight, fc1.bias, fc2.weight, fc2.bias`` in turn.
     """
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int], act: nn.Module,
+    def forward(ctx, tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int], act: nn.Module, pad: bool,
                 *params: Tensor) -> Tensor:
         wide = torch.promote_types(tokens.dtype, torch.float32)  # the sums, as in combine()
         out = torch.zeros(tokens.shape, dtype=wide, device=tokens.device)
         saved = []
         for e, (src, gate) in enumerate(zip(source.split(counts), gates.split(counts))):
             w1, b1, w2, b2 = params[4 * e:4 * e + 4]
-            x = pad_rows(tokens.index_select(0, src))
+            x = tokens.index_select(0, src)
+            x = pad_rows(x) if pad else x
             hidden = torch.addmm(b1, x, w1.t())
             activated = act(hidden)
             y = torch.addmm(b2, activated, w2.t())
@@ -144,7 +165,7 @@ class LoopedExperts(torch.autograd.Function):
         experts = len(ctx.counts)
         params, saved = rest[:4 * experts], rest[4 * experts:]
         need_tokens, need_gates, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(
-            ctx.needs_input_grad[5:])
+            ctx.needs_input_grad[6:])
         wide = torch.promote_types(grad.dtype, torch.float32)
         grad_wide = grad.to(wide)
         grad_tokens = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device) if need_tokens else None
@@ -155,13 +176,14 @@ class LoopedExperts(torch.autograd.Function):
             grad_y = grad_wide.index_select(0, src)
             if need_gates:
                 grad_gates.append((grad_y * y[:len(src)].to(wide)).sum(1).to(gates.dtype))
-            grad_y = pad_rows((grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype))  # zeros on the padded rows
+            grad_y = (grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype)
+            grad_y = F.pad(grad_y, (0, 0, 0, len(x) - len(src))) if len(x) > len(src) else grad_y  # padded rows
             grad_hidden = activation_backward(ctx.act, grad_y @ w2, hidden)
             if need_params:
                 grad_params += [grad_hidden.t() @ x, grad_hidden.sum(0), grad_y.t() @ activated, grad_y.sum(0)]
             if need_tokens:
                 grad_tokens.index_add_(0, src, (grad_hidden @ w1)[:len(src)])
-        return (grad_tokens, None, torch.cat(grad_gates) if need_gates else None, None, None,
+        return (grad_tokens, None, torch.cat(grad_gates) if need_gates else None, None, None, None,
                 *(grad_params if need_params else [None] * len(params)))
 
 

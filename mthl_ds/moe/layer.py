@@ -13,7 +13,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from mthl_ds.moe.gate import PerDatasetGate, Routes, exclusive_cumsum
-from mthl_ds.moe.grouped import combine, run_and_combine, run_groups
+from mthl_ds.moe.grouped import capacity_backend, combine, looped_combine, run_and_combine, run_groups
 from mthl_ds.runtime.collectives import all_to_all_equal, all_to_all_rows
 
 UPCYCLE_MODES = ("copy", "split")
@@ -53,6 +53,7 @@ class MoEMlp(MoE):
         gate.dispatch = dispatch
         self.dim, self.hidden, self.act_layer, self.dispatch = dim, hidden, act_layer, dispatch
         self.adapter: Optional[Adapter] = None  # the adapter baseline (Houlsby et al.), added by surgery
+        self.capacity_experts: Optional[str] = None  # looped / batched; None: grouped.capacity_backend's choice
 
     @property
     def gate(self) -> PerDatasetGate:
@@ -91,7 +92,9 @@ class MoEMlp(MoE):
         With dropped routes (training's default) every shape follows from the input's and nothing waits for the
         device: a dropped route writes to one spare slot past the last, which is cut off. Without dropping, the
         capacity is the busiest expert's count, read once per call (a host sync), and eval on one rank runs each
-        expert on its filled slots only (:meth:`run_filled_slots`, which reads the counts too).
+        expert on its filled slots only (:meth:`run_filled_slots`, which reads the counts too). In training on one
+        CPU rank the experts run one by one over their C slots each, gather and combine fused in
+        (``grouped.capacity_backend``, ``grouped.LoopedExperts``).
         """
         moe = self.deepspeed_moe
         tokens = x.reshape(-1, x.shape[-1])
@@ -105,6 +108,14 @@ class MoEMlp(MoE):
         slot = torch.where(indices >= 0, indices.long() * capacity + locations.long(), slots).flatten()
         token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices).flatten()
         source = torch.zeros(slots + 1, dtype=torch.long, device=x.device).scatter_(0, slot, token_ids)[:slots]
+        # Each slot's gate (0 for an empty slot), by which its output is weighted when it is added back onto its
+        # token: the same index as the dispatch. Half-precision outputs are combined in float32, as DeepSpeed does.
+        slot_gates = torch.zeros(slots + 1, dtype=torch.float32, device=x.device).scatter(
+            0, slot, gates.float().flatten())[:slots]
+        if self.training and (self.capacity_experts or capacity_backend(x.device, moe.ep_size)) == "looped":
+            out = looped_combine(self.local_mlps, tokens, source, slot_gates, [capacity] * num_experts, pad=False)
+            out = out.view(x.shape)
+            return out if self.adapter is None else out + self.adapter(out)
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
@@ -115,10 +126,6 @@ class MoEMlp(MoE):
         outputs = outputs.view(slots, -1)
         if moe.ep_size > 1:
             outputs = _AllToAll.apply(moe.ep_group, outputs)
-        # Each slot's output weighted by its gate (0 for an empty slot), added back onto its token: the
-        # same index as the dispatch. Half-precision outputs are combined in float32, as DeepSpeed does.
-        slot_gates = torch.zeros(slots + 1, dtype=torch.float32, device=x.device).scatter(
-            0, slot, gates.float().flatten())[:slots]
         weighted = outputs.float() * slot_gates.unsqueeze(1)
         combined = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, source, weighted)
         combined = combined.to(outputs.dtype)

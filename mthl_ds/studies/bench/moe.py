@@ -2,7 +2,8 @@
 per-GPU batches (ImageNet 64 x 224, COCO 2 x 800x1344, ADE20K 2 x 512; each stage a quarter of the one before),
 forward plus backward of:
 
-- ``capacity``: our layer with the paper's dispatch (capacity factor 1.0, overflow dropped);
+- ``capacity``: our layer with the paper's dispatch (capacity factor 1.0, overflow dropped; its experts'
+  backend, ``grouped.capacity_backend``, in the note);
 - ``dropless``: our layer sorting the routes by expert, no route dropped (``mthl_ds.moe.grouped``'s backend);
 - ``deepspeed``: DeepSpeed's own ``MoE`` layer (its ``TopKGate`` and ``MOELayer``, capacity factor 1.0);
 - ``dense``: the FLOPs-matched dense MLP (hidden 4 d; the experts' hidden is 4 d / K), the baseline;
@@ -25,7 +26,7 @@ from timm.layers import Mlp
 
 from mthl_ds.models.counting import count_flops
 from mthl_ds.moe.gate import PerDatasetGate
-from mthl_ds.moe.grouped import backend
+from mthl_ds.moe.grouped import backend, capacity_backend
 from mthl_ds.moe.layer import MoEMlp
 from mthl_ds.studies.bench.common import timed
 
@@ -89,7 +90,8 @@ def shape_rows(dataset: str, width: int, tokens: int, dtype: torch.dtype, device
         deepspeed_counts = layers["deepspeed"](x)[2]
     dropped = {"capacity": dropped_share(layers["capacity"].gate.counts, tokens), "dropless": 0.0,
                "deepspeed": dropped_share(deepspeed_counts, tokens)}
-    note = {"dropless": f"experts: {backend(x.device, dtype)}", "dense": "baseline", "gate": "the capacity gate"}
+    note = {"capacity": f"experts: {capacity_backend(x.device, 1)}", "dropless": f"experts: {backend(x.device, dtype)}",
+            "dense": "baseline", "gate": "the capacity gate"}
     return [{"dataset": dataset, "width": width, "tokens": f"{tokens} (x{scale:g})" if scale != 1 else tokens,
              "candidate": name, "ms": round(1e3 * statistics.median(times[name]), 2), "ratio": round(ratios[name], 3),
              "flops_ratio": round(flops[name] / flops["dense"], 3),
