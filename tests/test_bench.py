@@ -90,9 +90,10 @@ def test_step_bench_refuses_a_batch_for_a_dataset_the_recipe_does_not_train(caps
 
 def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
     """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity
-    (on the CPU its experts looped, and batched), MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about 1; above it for dropless in bf16, whose
-    experts run their rows padded on the CPU, and more so for the demo's few rows each) and only the capacity
-    model dropping routes. ``--batches`` sets a dataset's batch; the others keep the CPU's (8, 1, 2)."""
+    (on the CPU its experts looped, and batched), MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about
+    1; above it for dropless in bf16, whose experts run their rows padded on the CPU, and more so for the demo's
+    few rows each) and only the capacity models dropping routes. ``--batches`` sets a dataset's batch; the others
+    keep the CPU's (8, 1, 2)."""
     from mthl_ds.cli import main
     from mthl_ds.studies.bench.step import BATCHED, CANDIDATES
     candidates = (CANDIDATES[0], BATCHED, *CANDIDATES[1:])  # the CPU: the capacity experts looped, and batched

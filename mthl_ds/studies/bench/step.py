@@ -4,15 +4,15 @@ losses) per dataset and precision, in one process, the candidates alternating wi
 the next one).
 
 Both dispatch modes of MTHL are timed against the same MTHL.D: ``capacity`` (the paper's) and ``dropless``, with
-the same weights; where the capacity path runs its experts looped (one CPU rank, ``grouped.capacity_backend``), also
-the capacity path with its experts batched, the form it would otherwise take. Each row gives the median time ratio to MTHL.D over the rounds (the first round warms up), its
-spread, the FLOPs ratio (torch's counter) and the share of routes the capacity dropped. The paper's premise is a
-FLOPs ratio of about 1.01 (Swin-T: 9.08 vs 8.98 backbone GFLOPs per image); the target is a time ratio of at most
-1.15 for every dataset.
+the same weights; where the capacity path runs its experts looped (one CPU rank, ``grouped.capacity_backend``),
+also the capacity path with its experts batched, the form it takes elsewhere. Each row gives the median time ratio
+to MTHL.D over the rounds (the first round warms up), its spread, the FLOPs ratio (torch's counter) and the share
+of routes the capacity dropped. The paper's premise is a FLOPs ratio of about 1.01 (Swin-T: 9.08 vs 8.98 backbone
+GFLOPs per image); the target is a time ratio of at most 1.15 for every dataset.
 
 On the CPU the batches are small (ImageNet 8, COCO 1, ADE20K 2) so that a round takes seconds; with CUDA they are
 the paper's per-GPU batches (64, 2, 2). ``--batches`` sets them per dataset (the paper's on the CPU: a round of
-about a minute in fp32, and about 23 GiB at its peak). bf16 and fp16 cast the parameters as DeepSpeed's engines
+1-1.5 min in fp32, and about 23 GiB at its peak). bf16 and fp16 cast the parameters as DeepSpeed's engines
 do (buffers stay float32). The optimizer step is left out: it is the same for both models' shared parts and would
 only dilute the ratio.
 """
