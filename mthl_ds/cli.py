@@ -78,7 +78,10 @@ def cmd_shards(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from mthl_ds.runtime.host_memory import keep_freed_blocks
     from mthl_ds.studies.bench.common import markdown_table
+    if not args.system_malloc:  # time the compute, not the kernel faulting in each step's large blocks again
+        keep_freed_blocks()
     if args.suite == "all":
         from mthl_ds.studies.bench.suite import COLUMNS, run
         only = set(args.only.split(",")) if args.only else None
@@ -109,7 +112,7 @@ def cmd_bench(args) -> int:
     elif args.suite == "moe":
         from mthl_ds.studies.bench.moe import COLUMNS as columns
         from mthl_ds.studies.bench.moe import run
-        rows = run(repeats=args.repeats)
+        rows = run(repeats=args.repeats, scale=args.scale)
     elif args.suite == "step":
         from mthl_ds.studies.bench.step import COLUMNS as columns
         from mthl_ds.studies.bench.step import run
@@ -210,6 +213,16 @@ def batch_sizes(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"{item!r}: use NAME=BATCH with a positive batch, e.g. imagenet=64")
         sizes[name] = int(size)
     return sizes
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: use a positive number, e.g. 1 or 0.25")
+    return value
 
 
 def shard_set(folder: Path, split: str):
@@ -425,7 +438,12 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=batch_sizes,
                    help="step: batch size per dataset, e.g. imagenet=64,coco=2,ade20k=2 (the paper's per-GPU batches, "
                         "the default with CUDA; on the CPU imagenet=8,coco=1,ade20k=2)")
+    p.add_argument("--scale", type=positive_float,
+                   help="moe: multiply the paper's per-GPU token counts (default 1 with CUDA, 1/4 on the CPU)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep the C library's defaults, which unmap large freed blocks (by default a bench process "
+                        "keeps them for reuse, as a GPU's caching allocator does: runtime/host_memory.py)")
     p.add_argument("--out", type=Path, help="also write JSON + markdown here")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("export", help="consolidate a run's DeepSpeed checkpoint into one safetensors file")

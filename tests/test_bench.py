@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import platform
+
 import pytest
 from mthl_ds.runtime.engine import launcher_free_env
 from mthl_ds.studies.bench.suite import COLUMNS
@@ -57,6 +59,32 @@ def test_large_image_bench_measures_each_candidate_in_its_own_process():
     assert "not run: its resized logits alone take" in too_large(4, (side, side))
 
 
+BLOCK_FAULTS = """
+import resource, sys, torch
+from mthl_ds.runtime.host_memory import keep_freed_blocks
+kept = keep_freed_blocks() if sys.argv[1] == "keep" else None
+def faults_of_one_block():  # a 64 MiB tensor written and freed, as a step's activations are
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(kept, [faults_of_one_block() for _ in range(12)][-1])  # the heap grows over the first few
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_blocks sets glibc's malloc; this C library is not glibc")
+def test_a_bench_process_reuses_large_freed_blocks_instead_of_faulting_them_in_again():
+    """With glibc's defaults every 64 MiB block is mapped afresh and each of its pages faulted in (16,384 faults of
+    4 KiB pages; fewer with huge pages); once ``keep_freed_blocks`` has run, the freed block is reused."""
+    def last_faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", BLOCK_FAULTS, mode], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.split()
+        return out[0], int(out[1])
+    assert last_faults("keep")[0] == "True"
+    default, kept = last_faults("default")[1], last_faults("keep")[1]
+    assert default > 0 and kept <= default // 4, (default, kept)
+
+
 def test_moe_bench_rows_compare_the_four_layers_and_the_gate_at_each_stage_width():
     """Tiny token counts: a row per candidate and stage width, each timed; the MoE layers have the dense MLP's
     FLOPs (dropless's counted through its grouped experts, the capacity layers' padded slots included), only
@@ -88,17 +116,25 @@ def test_step_bench_refuses_a_batch_for_a_dataset_the_recipe_does_not_train(caps
     assert "'imagenet=0': use NAME=BATCH with a positive batch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf", "quarter"])
+def test_moe_bench_refuses_a_scale_that_is_not_a_positive_number(scale, capsys):
+    from mthl_ds.cli import main
+    with pytest.raises(SystemExit):
+        main(["bench", "moe", "--scale", scale])
+    assert f"{scale!r}: use a positive number" in capsys.readouterr().err
+
+
 def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset_and_precision(tmp_path, capsys):
     """``mthl-ds bench step`` on the demo recipe, one round: per dataset and precision a row for MTHL capacity
     (on the CPU its experts looped, and batched), MTHL dropless and MTHL.D, with the FLOPs ratio of twins (about
     1; above it for dropless in bf16, whose experts run their rows padded on the CPU, and more so for the demo's
     few rows each) and only the capacity models dropping routes. ``--batches`` sets a dataset's batch; the others
-    keep the CPU's (8, 1, 2)."""
+    keep the CPU's (8, 1, 2). ``--system-malloc``: this test process keeps the C library's defaults."""
     from mthl_ds.cli import main
     from mthl_ds.studies.bench.step import BATCHED, CANDIDATES
     candidates = (CANDIDATES[0], BATCHED, *CANDIDATES[1:])  # the CPU: the capacity experts looped, and batched
     assert main(["bench", "step", "--recipe", "demo", "--precisions", "fp32,bf16", "--repeats", "1",
-                 "--batches", "imagenet=16", "--out", str(tmp_path)]) == 0
+                 "--batches", "imagenet=16", "--system-malloc", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_step.json").read_text())
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == len(rows)
     assert [(r["precision"], r["dataset"], r["candidate"]) for r in rows] == [

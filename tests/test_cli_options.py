@@ -252,11 +252,13 @@ def test_expand_size_head_channels_and_seed(shards, source, tmp_path):
 # ------------------------------------------------------------------------------------------------ bench, demo
 
 def test_bench_only_and_real_size_data_of_a_recipe(tmp_path, capsys):
-    assert main(["bench", "--smoke", "--only", "B1", "--repeats", "1", "--out", str(tmp_path / "suite")]) == 0
+    """In this process, so with ``--system-malloc``: the test runner keeps the C library's defaults."""
+    assert main(["bench", "--smoke", "--only", "B1", "--repeats", "1", "--system-malloc",
+                 "--out", str(tmp_path / "suite")]) == 0
     rows = json.loads((tmp_path / "suite" / "bench_all.json").read_text())
     assert {r["id"] for r in rows} == {"peak", "B1", "B2"}  # B1 and B2 are timed together
     assert main(["bench", "data", "--real-size", "--recipe", "demo", "--count", "4", "--repeats", "1",
-                 "--out", str(tmp_path / "data")]) == 0
+                 "--system-malloc", "--out", str(tmp_path / "data")]) == 0
     rows = json.loads((tmp_path / "data" / "bench_data.json").read_text())
     assert [r["benchmark"] for r in rows] == ["imagenet pipeline at [64, 64]", "coco pipeline at [128, 128]",
                                               "ade20k pipeline at [64, 64]"]  # the demo's sizes, not Swin-T's

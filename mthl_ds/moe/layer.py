@@ -100,8 +100,7 @@ class MoEMlp(MoE):
         tokens = x.reshape(-1, x.shape[-1])
         routes = self.gate(tokens, None, True, False)
         if self.dispatch == "dropless" and self.training:
-            out = self.forward_dropless(tokens, routes).view(x.shape)
-            return out if self.adapter is None else out + self.adapter(out)
+            return self.with_adapter(self.forward_dropless(tokens, routes).view(x.shape))
         indices, locations, gates, num_experts = routes.indices, routes.locations, routes.gates, routes.num_experts
         capacity = int(routes.capacity)  # a Python int with dropped routes; else the one host sync of this layer
         slots = num_experts * capacity
@@ -114,8 +113,7 @@ class MoEMlp(MoE):
             0, slot, gates.float().flatten())[:slots]
         if self.training and (self.capacity_experts or capacity_backend(x.device, moe.ep_size)) == "looped":
             out = looped_combine(self.local_mlps, tokens, source, slot_gates, [capacity] * num_experts, pad=False)
-            out = out.view(x.shape)
-            return out if self.adapter is None else out + self.adapter(out)
+            return self.with_adapter(out.view(x.shape))
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
@@ -128,8 +126,10 @@ class MoEMlp(MoE):
             outputs = _AllToAll.apply(moe.ep_group, outputs)
         weighted = outputs.float() * slot_gates.unsqueeze(1)
         combined = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, source, weighted)
-        combined = combined.to(outputs.dtype)
-        out = combined.view(x.shape)
+        return self.with_adapter(combined.to(outputs.dtype).view(x.shape))
+
+    def with_adapter(self, out: Tensor) -> Tensor:
+        """The layer's output, plus its adapter's where surgery added one."""
         return out if self.adapter is None else out + self.adapter(out)
 
     def forward_dropless(self, tokens: Tensor, routes: Routes) -> Tensor:

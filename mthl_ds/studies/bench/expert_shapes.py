@@ -20,6 +20,7 @@ import torch
 from timm.layers import Mlp
 
 from mthl_ds.moe.grouped import run_groups
+from mthl_ds.runtime.host_memory import keep_freed_blocks
 from mthl_ds.studies.bench.common import side_by_side
 
 EXPERTS, TOP_K = 12, 4
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("shapes", nargs="+", help="WIDTHxROWS, e.g. 384x1568")
     args = parser.parse_args()
+    keep_freed_blocks()  # as mthl-ds bench does
     print("| dtype | width | rows | dense ms | fixed | new | padded |\n|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         width, tokens = map(int, shape.lower().split("x"))
