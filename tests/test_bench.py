@@ -1,10 +1,9 @@
 """The benchmark suite's code path at tiny sizes: every row present with sane values (no time is asserted)."""
 import json
 import math
+import platform
 import subprocess
 import sys
-
-import platform
 
 import pytest
 from mthl_ds.runtime.engine import launcher_free_env
