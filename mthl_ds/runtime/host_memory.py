@@ -3,7 +3,7 @@
 torch's CPU tensors come from ``malloc``. glibc serves a block over its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and returns it with ``munmap`` when freed, so every large activation or gradient of every step is faulted
 in again page by page, and the kernel zeroes each page. At Swin-T's sizes that is most of a CPU process's system
-time (``mthl-ds bench step --precisions fp32``: 123 s of system time in 824 s of CPU time, 47 M minor page
+time (``mthl-ds bench step --precisions fp32``: 113 s of system time in 814 s of CPU time, 40 M minor page
 faults), and it weighs most on the largest tensors: the dense MLP's hidden activations more than an MoE layer's
 per-expert slices. So a benchmark that compares the two keeps freed blocks (``mthl-ds bench``).
 """
