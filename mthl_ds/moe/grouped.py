@@ -97,7 +97,7 @@ def combine(outputs: Tensor, source: Tensor, gates: Tensor, shape: torch.Size) -
     """``[rows, d] -> shape``: each row's output weighted by its gate and added onto token ``source[row]``, in
     float32 or wider (as DeepSpeed combines half-precision outputs), returned in the outputs' dtype."""
     wide = torch.promote_types(outputs.dtype, torch.float32)
-    weighted = outputs.to(wide) * gates.to(wide).unsqueeze(1)
+    weighted = outputs * gates.to(wide).unsqueeze(1)  # computed in (and returned as) the wide dtype: no cast copy
     return torch.zeros(shape, dtype=wide, device=outputs.device).index_add_(0, source, weighted).to(outputs.dtype)
 
 
@@ -154,7 +154,7 @@ class LoopedExperts(torch.autograd.Function):
             hidden = torch.addmm(b1, x, w1.t())
             activated = act(hidden)
             y = torch.addmm(b2, activated, w2.t())
-            out.index_add_(0, src, y[:len(src)].to(wide) * gate.to(wide).unsqueeze(1))
+            out.index_add_(0, src, y[:len(src)] * gate.to(wide).unsqueeze(1))  # wide, as in combine()
             saved += [x, hidden, activated, y]
         ctx.counts, ctx.act = counts, act
         ctx.save_for_backward(source, gates, *params, *saved)
@@ -176,7 +176,7 @@ class LoopedExperts(torch.autograd.Function):
             x, hidden, activated, y = saved[4 * e:4 * e + 4]
             grad_y = grad_wide.index_select(0, src)
             if need_gates:
-                grad_gates.append((grad_y * y[:len(src)].to(wide)).sum(1).to(gates.dtype))
+                grad_gates.append((grad_y * y[:len(src)]).sum(1).to(gates.dtype))  # grad_y is wide
             grad_y = (grad_y * gate.to(wide).unsqueeze(1)).to(y.dtype)
             grad_y = F.pad(grad_y, (0, 0, 0, len(x) - len(src))) if len(x) > len(src) else grad_y  # padded rows
             grad_hidden = activation_backward(ctx.act, grad_y @ w2, hidden)
