@@ -124,9 +124,7 @@ class MoEMlp(MoE):
         outputs = outputs.view(slots, -1)
         if moe.ep_size > 1:
             outputs = _AllToAll.apply(moe.ep_group, outputs)
-        weighted = outputs.float() * slot_gates.unsqueeze(1)
-        combined = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, source, weighted)
-        return self.with_adapter(combined.to(outputs.dtype).view(x.shape))
+        return self.with_adapter(combine(outputs, source, slot_gates, tokens.shape).view(x.shape))
 
     def with_adapter(self, out: Tensor) -> Tensor:
         """The layer's output, plus its adapter's where surgery added one."""
