@@ -95,7 +95,8 @@ def test_padded_count_gives_few_sizes_near_the_rows_on_the_cpu_in_half_precision
     for low in (128, 1024, 8192):
         assert len({s for n, s in enumerate(sizes, 1) if low < n <= 2 * low}) == 8
     assert padded_count(0, cpu, torch.float16) == 0 and padded_count(300, cpu, torch.float16) == 320
-    assert padded_count(300, cpu, torch.float32) == 300 and padded_count(300, torch.device("cuda"), torch.bfloat16) == 300
+    assert padded_count(300, cpu, torch.float32) == 300
+    assert padded_count(300, torch.device("cuda"), torch.bfloat16) == 300
 
 
 def routed(count=3, dim=6, hidden=5, tokens=5, dtype=torch.float64, act_layer=torch.nn.GELU, device="cpu"):

@@ -12,8 +12,8 @@ forward plus backward of:
 E = 12 experts, K = 4, as the paper. Inputs are random, so routing is near uniform and the routes dropped by the
 capacity layers are those of a balanced router (a trained one drops more). On the CPU the token counts are
 scaled down by default (``scale`` 1/4, printed in each row; ``mthl-ds bench moe --scale 1`` runs the paper's
-counts, about 100 s on the 2-core CPU). Each time is the median of ``repeats`` rounds, the candidates alternating within a round;
-ratios are to the dense MLP of the same round.
+counts, about 100 s on the 2-core CPU). Each time is the median of ``repeats`` rounds, the candidates alternating
+within a round; ratios are to the dense MLP of the same round.
 """
 from __future__ import annotations
 

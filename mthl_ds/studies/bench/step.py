@@ -1,7 +1,7 @@
 """``mthl-ds bench step``: MTHL against its dense twin MTHL.D at the recipe's input sizes (ImageNet 224, COCO
 800x1344, ADE20K 512 for the paper's recipes), one training forward and backward (backbone, head, task and router
-losses) per dataset and precision, in one process, the candidates alternating within each round (each round starting with
-the next one).
+losses) per dataset and precision, in one process, the candidates alternating within each round (each round starting
+with the next one).
 
 Both dispatch modes of MTHL are timed against the same MTHL.D: ``capacity`` (the paper's) and ``dropless``, with
 the same weights; where the capacity path runs its experts looped (one CPU rank, ``grouped.capacity_backend``),
