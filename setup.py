@@ -26,7 +26,7 @@ setup(
         "xxhash>=3.4",  # checkpoint manifests and export checksums (mthl_ds.artifacts.manifest)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # mmdet's and mmseg's own RetinaNet and UperNet parts, which tests/test_oracle.py compares ours with;
         # mmseg's utils import ftfy and regex. mmcv-lite has no compiled ops: the tests stand one in (nms).
         "oracle": ["mmengine==0.10.7", "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy>=6",

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    record_outcome({"test": nodeid, "outcome": "started"})
+
+
+def pytest_runtest_logreport(report):
+    """With ``MTHL_TEST_OUTCOMES`` set (``make gpu-check``), each test's start and outcome as JSON lines, written as
+    they happen: a run killed at its time limit still shows what passed, what failed and what was running."""
+    if report.when == "call" or report.outcome != "passed":
+        if isinstance(report.longrepr, tuple):  # a skip: (file, line, "Skipped: reason")
+            message = report.longrepr[2].removeprefix("Skipped: ")
+        else:  # a failure: its exception's line, as pytest's short summary shows it
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else (report.longreprtext.strip().splitlines() or [""])[-1]
+        record_outcome({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+                        "seconds": round(report.duration, 2), "message": message[:300]})
+
+
+def record_outcome(line: dict) -> None:
+    path = os.environ.get("MTHL_TEST_OUTCOMES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def run_ranks(worker: str, nprocs: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -27,9 +27,11 @@ def fp16_config(folder) -> str:
     return str(path)
 
 
-def trainer(shards, run_dir, **train):
+def trainer(shards, run_dir, *overrides, **train):
+    """The demo recipe's trainer on the test shards, one rank, every dataset in turn; ``train`` sets train.*
+    values, ``overrides`` any other."""
     from mthl_ds.train import Trainer
-    overrides = demo_overrides(shards, **{"ep_size": 1, **train}) + [CYCLE]
+    overrides = demo_overrides(shards, **{"ep_size": 1, **train}) + [CYCLE, *overrides]
     return Trainer(load_recipe("demo", overrides), run_dir)
 
 
@@ -91,11 +93,18 @@ def sync_sites(run) -> list[str]:
                    if "synchroniz" in str(w.message)})
 
 
-def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_path, capsys):
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_path, capsys, dispatch):
     """The trainer's step (bf16 ZeRO 2, ``check_grad_overflow`` off: LAMB skips a non-finite step on the device),
     after two warm-up steps per dataset (first-call allocations, the anchor cache, the optimizer's step count):
-    no sync comes from mthl_ds. DeepSpeed's own (its engine and ZeRO code) are printed for the GPU report."""
-    t = trainer(shards, tmp_path / "run", steps=100, log_every=1000, ds_config="zero2_bf16.json")
+    no sync comes from mthl_ds. DeepSpeed's own (its engine and ZeRO code) are printed for the GPU report.
+    Dropless where its experts run as ``torch._grouped_mm`` (sm90); looped, they read each layer's counts."""
+    from mthl_ds.moe.grouped import grouped_mm_works
+    if dispatch == "dropless" and not grouped_mm_works(torch.device("cuda"), torch.bfloat16):
+        pytest.skip(f"torch._grouped_mm does not run in bf16 on {torch.cuda.get_device_name()} with torch "
+                    f"{torch.__version__}: dropless experts are looped here, reading each layer's counts")
+    t = trainer(shards, tmp_path / "run", f"model.moe.dispatch={dispatch}", steps=100, log_every=1000,
+                ds_config="zero2_bf16.json")
     t.setup()
     for step in range(6):
         t.pending.append(t.train_step(step))
@@ -112,18 +121,26 @@ def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_pa
     assert not ours, "host syncs in mthl_ds's part of the step:\n" + "\n".join(ours)
 
 
-def test_model_and_lamb_step_run_under_sync_debug_error():
+@pytest.mark.parametrize("dispatch, dtype", [("capacity", torch.float32), ("dropless", torch.bfloat16)])
+def test_model_and_lamb_step_run_under_sync_debug_error(dispatch, dtype):
     """Our whole step without DeepSpeed: forward, task + router losses, the non-finite flag, backward, LAMB (whole
-    tensors), the routing-buffer fold and the usage count, under ``set_sync_debug_mode("error")`` after a warm-up."""
+    tensors), the routing-buffer fold and the usage count, under ``set_sync_debug_mode("error")`` after a warm-up.
+    Dropless in bf16 where its experts run as ``torch._grouped_mm`` (sm90); elsewhere they are looped, which reads
+    each layer's counts on the host by design."""
     from mthl_ds.build import build_model
+    from mthl_ds.moe.grouped import grouped_mm_works
     from mthl_ds.runtime.device import to_device
     from mthl_ds.runtime.engine import optimizer_groups
     from mthl_ds.runtime.optim import Lamb
+    from mthl_ds.studies.memory import cast_parameters
     from mthl_ds.tasks import fake_batch
-    recipe = load_recipe("demo")
-    model = build_model(recipe).cuda().train()
+    if dispatch == "dropless" and not grouped_mm_works(torch.device("cuda"), dtype):
+        pytest.skip(f"torch._grouped_mm does not run in {dtype} on {torch.cuda.get_device_name()} with torch "
+                    f"{torch.__version__}: dropless experts are looped here, reading each layer's counts")
+    recipe = load_recipe("demo", [f"model.moe.dispatch={dispatch}"])
+    model = cast_parameters(build_model(recipe), dtype).cuda().train()
     optimizer = Lamb(optimizer_groups(model, 0.05), lr=1e-3)
-    batches = {n: to_device(fake_batch(recipe, n), torch.device("cuda")) for n in recipe.datasets}
+    batches = {n: to_device(fake_batch(recipe, n), torch.device("cuda"), dtype) for n in recipe.datasets}
     usage = torch.zeros(len(model.backbone.moe_layers), recipe.model.moe.num_experts, device="cuda")
 
     def step(name):
@@ -196,21 +213,3 @@ def test_memory_plan_matches_the_allocator_peak(capsys):
 def test_cpu_fp16_shim_is_never_active_where_cuda_is():
     from mthl_ds.runtime import cpu_half
     assert cpu_half.enable() is False and cpu_half._mode is None
-
-
-def test_dropless_experts_on_cuda_use_grouped_mm_where_it_runs_and_match_the_loop():
-    """bf16 on CUDA: the backend is ``grouped_mm`` wherever its probe runs (sm90), and its outputs match the
-    looped experts on the same rows within bf16's rounding, an empty expert included."""
-    from timm.layers import Mlp
-
-    from mthl_ds.moe.grouped import backend, grouped_mm_works, run_groups
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    experts = [Mlp(64, 128).to(device, torch.bfloat16) for _ in range(3)]
-    counts = torch.tensor([40, 0, 88], device=device)
-    x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
-    expected = "grouped_mm" if grouped_mm_works(device, torch.bfloat16) else "looped"
-    assert backend(device, torch.bfloat16) == expected
-    if expected == "grouped_mm":
-        torch.testing.assert_close(run_groups(experts, x, counts, "grouped_mm").float(),
-                                   run_groups(experts, x, counts, "looped").float(), rtol=2e-2, atol=2e-2)

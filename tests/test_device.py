@@ -17,9 +17,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
+from mthl_ds.moe import grouped
 from mthl_ds.runtime.device import to_device
 from mthl_ds.runtime.engine import optimizer_groups
 from mthl_ds.runtime.optim import Lamb, PartitionLayout
+from mthl_ds.studies.memory import cast_parameters
 from mthl_ds.tasks import fake_batch
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mthl_ds"
@@ -57,10 +59,11 @@ def test_the_scan_finds_collectives_however_torch_distributed_is_named(tmp_path)
     assert collective_calls(probe) == ["probe.py:4 dist.all_reduce", "probe.py:5 torch.distributed.barrier"]
 
 
-def fake_step(recipe, name: str, batch_size: int) -> dict:
-    """Under fake CUDA: the recipe's model in training mode, one batch of ``name`` at its real input size,
-    forward, task loss + router losses, the logged figures, the routing-buffer fold and the usage count."""
-    model = build_model(recipe).train()
+def fake_step(recipe, name: str, batch_size: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Under fake CUDA: the recipe's model in training mode with its parameters in ``dtype`` (as DeepSpeed casts
+    them), one batch of ``name`` at its real input size, forward, task loss + router losses, the logged figures,
+    the routing-buffer fold and the usage count."""
+    model = cast_parameters(build_model(recipe), dtype).train()
     batch = fake_batch(recipe, name, batch_size=batch_size)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to("cuda")
@@ -89,6 +92,23 @@ def test_training_forward_and_losses_stay_on_the_device_without_syncs(recipe_nam
     recipe = load_recipe(recipe_name)
     for name, d in recipe.datasets.items():
         out = fake_step(recipe, name, batches.get(name, d.batch_size))
+        tensors = [out["loss"], *out["logged"], out["usage"], *out["joint"]]
+        assert all(t.device.type == "cuda" for t in tensors), name
+        assert out["loss"].shape == () and out["usage"].shape[1] == recipe.model.moe.num_experts
+
+
+@pytest.mark.parametrize("recipe_name, batches", [
+    ("demo", {}),
+    ("mthl_swin_t", {"imagenet": 64, "coco": 2, "ade20k": 2}),
+])
+def test_dropless_forward_on_grouped_kernels_stays_on_the_device_without_syncs(monkeypatch, recipe_name, batches):
+    """``model.moe.dispatch: dropless`` in bf16 on a GPU where ``torch._grouped_mm`` runs (sm90): every expert's rows
+    in one kernel per linear layer, and no count read on the host. The backend's probe needs a real device, so the
+    choice it makes there is set here. (The looped backend, fp16 on V100s, reads each layer's counts by design.)"""
+    monkeypatch.setitem(grouped.CHOICES, ("cuda:0", torch.bfloat16), "grouped_mm")
+    recipe = load_recipe(recipe_name, ["model.moe.dispatch=dropless"])
+    for name, d in recipe.datasets.items():
+        out = fake_step(recipe, name, batches.get(name, d.batch_size), torch.bfloat16)
         tensors = [out["loss"], *out["logged"], out["usage"], *out["joint"]]
         assert all(t.device.type == "cuda" for t in tensors), name
         assert out["loss"].shape == () and out["usage"].shape[1] == recipe.model.moe.num_experts

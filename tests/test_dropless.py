@@ -164,14 +164,9 @@ def test_looped_experts_with_frozen_experts_give_only_input_and_gate_gradients()
     assert all(p.grad is None for m in experts for p in m.parameters())
 
 
-@pytest.mark.skipif(not grouped_mm_works(torch.device("cpu"), torch.bfloat16),
-                    reason="torch._grouped_mm does not run in bf16 on this machine's CPU with this torch")
-def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
-    """``torch._grouped_mm`` (what CUDA sm90 runs) against the looped experts on the same bf16 rows: outputs and
-    weight gradients within bf16's rounding; FLOPs counted alike."""
-    experts = [m.to(torch.bfloat16) for m in mlps()]
-    counts = torch.tensor([5, 0, 11])
-    x = torch.randn(16, 16, dtype=torch.bfloat16)
+def grouped_and_looped(experts, x, counts) -> dict[str, list[torch.Tensor]]:
+    """Per backend, one forward and backward of ``experts`` on the rows ``x`` grouped by ``counts``: the output,
+    the input's gradient, each expert's fc1 weight gradient and each expert's fc2 bias gradient, in float32."""
     results = {}
     for choice in ("grouped_mm", "looped"):
         for m in experts:
@@ -179,13 +174,27 @@ def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
         inputs = x.clone().requires_grad_()
         out = run_groups(experts, inputs, counts, choice)
         out.float().square().sum().backward()
-        results[choice] = (out.float(), inputs.grad.float(), [m.fc1.weight.grad.float() for m in experts])
-    (a, ga, wa), (b, gb, wb) = results["grouped_mm"], results["looped"]
-    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(ga, gb, rtol=3e-2, atol=3e-2)
-    for u, v in zip(wa, wb):
-        torch.testing.assert_close(u, v, rtol=3e-2, atol=3e-2)
-    assert not wa[1].any()  # the empty expert
+        tensors = [out, inputs.grad] + [m.fc1.weight.grad for m in experts] + [m.fc2.bias.grad for m in experts]
+        results[choice] = [t.float() for t in tensors]
+    return results
+
+
+def assert_backends_agree(results, counts, tolerance: float) -> None:
+    for got, want in zip(results["grouped_mm"], results["looped"]):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    empty = counts.tolist().index(0)
+    assert not results["grouped_mm"][2 + empty].any()  # the empty expert's fc1 weight: a zero gradient
+
+
+@pytest.mark.skipif(not grouped_mm_works(torch.device("cpu"), torch.bfloat16),
+                    reason="torch._grouped_mm does not run in bf16 on this machine's CPU with this torch")
+def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
+    """``torch._grouped_mm`` (what CUDA sm90 runs) against the looped experts on the same bf16 rows: outputs and
+    input and weight gradients within bf16's rounding; FLOPs counted alike."""
+    experts = [m.to(torch.bfloat16) for m in mlps()]
+    counts = torch.tensor([5, 0, 11])
+    x = torch.randn(16, 16, dtype=torch.bfloat16)
+    assert_backends_agree(grouped_and_looped(experts, x, counts), counts, tolerance=3e-2)
     assert backend(torch.device("cpu"), torch.bfloat16) == "looped"  # the CPU's kernel is slower than the loop
 
     def forward_backward(choice):
@@ -197,6 +206,23 @@ def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
     flops = {choice: count_flops(lambda: forward_backward(choice)) for choice in ("grouped_mm", "looped")}
     assert flops["grouped_mm"] == 3 * 2 * 16 * (16 * 32 + 32 * 16)
     assert flops["looped"] == 3 * 2 * 32 * (16 * 32 + 32 * 16)
+
+
+@CUDA
+def test_dropless_experts_on_cuda_use_grouped_mm_where_it_runs_and_match_the_loop():
+    """bf16 on CUDA: the backend is ``grouped_mm`` wherever its probe runs (sm90), and its outputs, input gradients
+    and weight gradients match the looped experts' on the same rows within bf16's rounding, with group sizes that
+    are not multiples of 8 and an empty expert."""
+    device = torch.device("cuda")
+    expected = "grouped_mm" if grouped_mm_works(device, torch.bfloat16) else "looped"
+    assert backend(device, torch.bfloat16) == expected
+    if expected == "looped":
+        pytest.skip(f"torch._grouped_mm does not run in bf16 on {torch.cuda.get_device_name()} with torch "
+                    f"{torch.__version__}: the looped backend is the one chosen, as asserted")
+    experts = [m.to(device, torch.bfloat16) for m in mlps(dim=64, hidden=128)]
+    x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
+    counts = torch.tensor([37, 0, 91], device=device)
+    assert_backends_agree(grouped_and_looped(experts, x, counts), counts, tolerance=3e-2)
 
 
 @pytest.fixture(scope="module")

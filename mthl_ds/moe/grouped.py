@@ -31,13 +31,15 @@ CHOICES: dict[tuple[str, torch.dtype], str] = {}
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs (forward and backward) on ``device`` in ``dtype``: a probe on small
-    tensors, since support depends on the torch version, the GPU generation and the dtype."""
+    tensors, since support depends on the torch version, the GPU generation and the dtype. Its groups are as
+    routing makes them: of sizes that are not multiples of 8, one of them empty; its weights are laid out as
+    :func:`linear_grouped` lays them out (each expert's ``[out, in]`` weight, transposed)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         x = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-        out = torch._grouped_mm(x, w, offs=torch.tensor([4, 8], device=device, dtype=torch.int32))
+        w = torch.ones(3, 24, 16, device=device, dtype=dtype, requires_grad=True)
+        out = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([3, 3, 8], device=device, dtype=torch.int32))
         out.square().sum().backward()  # a materialised gradient, as the layer's gelu and gate products give
         return True
     except (RuntimeError, NotImplementedError, TypeError):

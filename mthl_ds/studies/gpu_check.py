@@ -4,8 +4,9 @@ Phases, each in its own process with its own time limit, every one run whatever 
 shows every problem:
 
     env       the machine: GPU, driver, torch / CUDA / NCCL versions, and that every dependency imports
-    tests     ``pytest -m cuda``: training of every head in fp16 and bf16, a bitwise ZeRO 2 resume, the
-              sync-free step, the memory plan, evaluation and prediction against the CPU
+    tests     ``pytest -m cuda tests``: every CUDA test (training of every head in fp16 and bf16, a bitwise ZeRO 2
+              resume, the sync-free step, the memory plan, the dropless experts, evaluation and prediction
+              against the CPU), each cut at ``GPU_CHECK_TEST_TIMEOUT_S`` where pytest-timeout is installed
     rehearse  ``mthl-ds rehearse mthl_swin_t --ranks 1`` in bf16, then fp16: the paper's shapes end to end
     bench     ``mthl-ds bench gpu``: the G rows (trainer step MTHL vs MTHL.D, MFU, memory, MoE layer, LAMB vs
               FusedLamb, trainer overhead)
@@ -13,26 +14,28 @@ shows every problem:
 DeepSpeed's FusedLamb (the G5 baseline) is compiled in the background from the start. The report goes to
 ``$OUT`` (else ``runs/gpu_check``): ``gpu_report.json``, ``gpu_report.md`` and ``gpu_check.log`` (every phase's
 output). ``GPU_CHECK_BUDGET_S`` (default 480) bounds the whole run; a phase gets its share of what is left, so time
-an earlier phase did not use goes to the later ones.
+an earlier phase did not use goes to the later ones. ``GPU_CHECK_PHASES`` (say ``tests,bench``) runs only those
+phases, for a second, shorter run after a fix. A phase cut at its limit still reports what it finished: each
+test's outcome is written as it ends (``MTHL_TEST_OUTCOMES``, tests/conftest.py), each bench row as it is measured.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/, ds_configs/, runs/
 PHASES = (  # name, share of the budget, command
-    ("tests", 0.22, [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_cuda_inference.py",
-                     "-q", "-rA", "--durations=0", "-p", "no:cacheprovider"]),
-    ("rehearse_bf16", 0.28, [sys.executable, "-m", "mthl_ds.cli", "rehearse", "mthl_swin_t", "--ranks", "1",
+    ("tests", 0.28, [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rA", "--durations=0",
+                     "-p", "no:cacheprovider"]),
+    ("rehearse_bf16", 0.24, [sys.executable, "-m", "mthl_ds.cli", "rehearse", "mthl_swin_t", "--ranks", "1",
                              "--precision", "bf16", "--no-dense", "--out", "{work}/rehearse_bf16"]),
-    ("bench", 0.28, [sys.executable, "-m", "mthl_ds.cli", "bench", "gpu", "--repeats", "5", "--out", "{work}/bench"]),
-    ("rehearse_fp16", 0.22, [sys.executable, "-m", "mthl_ds.cli", "rehearse", "mthl_swin_t", "--ranks", "1",
+    ("bench", 0.30, [sys.executable, "-m", "mthl_ds.cli", "bench", "gpu", "--repeats", "3", "--out", "{work}/bench"]),
+    ("rehearse_fp16", 0.18, [sys.executable, "-m", "mthl_ds.cli", "rehearse", "mthl_swin_t", "--ranks", "1",
                              "--precision", "fp16", "--no-dense", "--out", "{work}/rehearse_fp16"]),
 )
 MODULES = ("torch", "torchvision", "timm", "deepspeed", "webdataset", "pycocotools", "segmentation_models_pytorch",
@@ -71,13 +74,13 @@ def start_fused_lamb_build(log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-def run_phase(name: str, command: list[str], limit: float, log) -> dict:
-    """Run one phase with a time limit; its output goes to the log. Returns its outcome."""
+def run_phase(name: str, command: list[str], limit: float, log, env: dict | None = None) -> dict:
+    """Run one phase with a time limit; its output goes to the log. Returns its outcome and its output's lines."""
     log.write(f"\n===== {name} (limit {limit:.0f} s): {' '.join(command)}\n")
     log.flush()
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=limit)
         rc = proc.returncode
@@ -89,20 +92,50 @@ def run_phase(name: str, command: list[str], limit: float, log) -> dict:
     log.write(out)
     log.flush()
     return {"phase": name, "rc": rc, "ok": rc == 0, "seconds": round(time.perf_counter() - start, 1),
-            "tail": lines[-40:]}
+            "tail": lines[-40:], "lines": lines}
 
 
-def pytest_outcomes(lines: list[str]) -> dict:
-    """Per-test outcome from pytest's ``-rA`` summary lines."""
-    outcomes = {}
-    for line in lines:
-        m = re.match(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)(?:\s+-\s+(.*))?", line)
-        if m and "::" in m.group(2):
-            outcomes[m.group(2)] = m.group(1) + (f": {m.group(3)[:300]}" if m.group(3) else "")
+def selected_phases(names: str | None) -> list[tuple[str, float, list[str]]]:
+    """The phases ``GPU_CHECK_PHASES`` names (comma-separated; empty or unset: all), in the check's order."""
+    known = [name for name, _, _ in PHASES]
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()] or known
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"GPU_CHECK_PHASES: unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(known)}")
+    return [phase for phase in PHASES if phase[0] in wanted]
+
+
+def tests_command(command: list[str]) -> list[str]:
+    """The tests phase's pytest command, each test cut at ``GPU_CHECK_TEST_TIMEOUT_S`` (default 150) where
+    pytest-timeout is installed (the GPU image has it), so one hung test does not take the phase's whole time.
+    The plugin is named by its entry point, ``timeout``: pytest then loads it once whether or not plugins
+    autoload (``-p pytest_timeout`` registers the module a second time, under another name, and pytest refuses)."""
+    import importlib.util
+    if importlib.util.find_spec("pytest_timeout") is None:
+        return command
+    return command + ["-p", "timeout", "--timeout", os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "150")]
+
+
+def recorded_outcomes(path: Path) -> dict[str, str]:
+    """Each test's outcome from the JSON lines tests/conftest.py writes as tests start and end: ``passed (s)``,
+    ``skipped: reason``, ``failed: message`` (a failed setup or teardown: ``error in setup: ...``), or, for a test
+    that started and never ended, that the phase's time limit cut it."""
+    outcomes: dict[str, str] = {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for record in map(json.loads, lines):
+        test, outcome = record["test"], record["outcome"]
+        if outcome == "started":
+            outcomes[test] = "cut: still running at the phase's time limit"
+        elif outcome == "passed":
+            outcomes[test] = f"passed ({record['seconds']} s)"
+        elif record["when"] == "call" or outcome == "skipped":
+            outcomes[test] = f"{outcome}: {record['message']}"
+        else:  # a failed setup (a fixture) or teardown
+            outcomes[test] = f"error in {record['when']}: {record['message']}"
     return outcomes
 
 
-def test_notes(lines: list[str]) -> list[str]:
+def printed_notes(lines: list[str]) -> list[str]:
     """What the CUDA tests print for the report: DeepSpeed's host syncs in a step, the memory plan's figures."""
     notes, taking = [], False
     for line in lines:
@@ -114,6 +147,21 @@ def test_notes(lines: list[str]) -> list[str]:
         else:
             taking = False
     return notes
+
+
+def bench_rows(lines: list[str]) -> list[dict]:
+    """The rows ``mthl-ds bench gpu`` printed as it measured them (one JSON object per line): all of them when it
+    finished, what it had when its time ran out."""
+    rows = []
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict) and {"id", "benchmark"} <= set(value):
+                rows.append(value)
+    return rows
 
 
 def report_markdown(report: dict) -> str:
@@ -143,6 +191,7 @@ def report_markdown(report: dict) -> str:
 
 
 def main() -> int:
+    phases = selected_phases(os.environ.get("GPU_CHECK_PHASES"))
     budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "480"))
     start = time.perf_counter()
     import torch
@@ -153,35 +202,47 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check")
     work = ROOT / "runs" / "gpu_check_work"
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    for name, _, _ in phases:  # what an earlier check left is not this one's result
+        shutil.rmtree(work / name, ignore_errors=True)
+        (work / name).mkdir(parents=True)
+    outcomes_file = work / "tests" / "outcomes.jsonl"
     report: dict = {"environment": environment(), "phases": []}
     print(json.dumps(report["environment"], indent=1), flush=True)
     with open(out / "gpu_check.log", "w") as log:
-        builder = start_fused_lamb_build(log)
-        for index, (name, share, command) in enumerate(PHASES):
+        builder = start_fused_lamb_build(log) if any(name == "bench" for name, _, _ in phases) else None
+        for index, (name, share, command) in enumerate(phases):
             left = budget - (time.perf_counter() - start)
-            limit = left * share / sum(s for _, s, _ in PHASES[index:])
+            limit = left * share / sum(s for _, s, _ in phases[index:])
             if left < 20:
                 report["phases"].append({"phase": name, "rc": "no time left", "ok": False, "seconds": 0, "tail": []})
                 continue
             if name == "bench" and builder.poll() is None:
                 builder.wait(timeout=max(1.0, min(120.0, left / 3)))
             command = [c.format(work=work) for c in command]
-            outcome = run_phase(name, command, limit, log)
+            if name == "tests":
+                command = tests_command(command)
+            outcome = run_phase(name, command, limit, log, {"MTHL_TEST_OUTCOMES": str(outcomes_file)})
+            lines = outcome.pop("lines")
+            if name == "tests":
+                report["notes"] = printed_notes(lines)
+            if name == "bench":
+                report["bench_rows"] = bench_rows(lines)
             report["phases"].append(outcome)
             print(f"{name}: {'ok' if outcome['ok'] else 'FAILED'} in {outcome['seconds']} s", flush=True)
-        if builder.poll() is None:
+        if builder is not None and builder.poll() is None:
             builder.kill()
-    log_lines = (out / "gpu_check.log").read_text().splitlines()
-    report["tests"] = pytest_outcomes(log_lines)
-    report["notes"] = test_notes(log_lines)
+    report["tests"] = recorded_outcomes(outcomes_file)
     for name in ("rehearse_bf16", "rehearse_fp16"):
         md = work / name / "rehearsal.md"
         report[name] = md.read_text() if md.is_file() else None
     bench_md = work / "bench" / "bench_gpu.md"
-    report["bench"] = bench_md.read_text() if bench_md.is_file() else None
-    bench_json = work / "bench" / "bench_gpu.json"
-    report["bench_rows"] = json.loads(bench_json.read_text()) if bench_json.is_file() else None
+    if bench_md.is_file():
+        report["bench"] = bench_md.read_text()
+    elif report.get("bench_rows"):  # cut before it wrote its table: the rows it printed
+        from mthl_ds.studies.bench.common import markdown_table
+        from mthl_ds.studies.bench.suite import COLUMNS  # imports DeepSpeed: here, not where a missing one is reported
+        report["bench"] = "bench cut at its time limit; the rows it measured:\n\n" + markdown_table(
+            report["bench_rows"], COLUMNS)
     report["wall_s"] = time.perf_counter() - start
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "gpu_report.md").write_text(report_markdown(report))
