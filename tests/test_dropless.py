@@ -179,11 +179,14 @@ def grouped_and_looped(experts, x, counts) -> dict[str, list[torch.Tensor]]:
     return results
 
 
-def assert_backends_agree(results, counts, tolerance: float) -> None:
-    for got, want in zip(results["grouped_mm"], results["looped"]):
-        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+def assert_backends_agree(results, counts) -> None:
+    """Outputs within 2e-2, gradients within 3e-2 (bf16's rounding, accumulated over the rows)."""
+    (out, *grads), (want, *want_grads) = results["grouped_mm"], results["looped"]
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
     empty = counts.tolist().index(0)
-    assert not results["grouped_mm"][2 + empty].any()  # the empty expert's fc1 weight: a zero gradient
+    assert not grads[1 + empty].any()  # the empty expert's fc1 weight: a zero gradient
 
 
 @pytest.mark.skipif(not grouped_mm_works(torch.device("cpu"), torch.bfloat16),
@@ -194,7 +197,7 @@ def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
     experts = [m.to(torch.bfloat16) for m in mlps()]
     counts = torch.tensor([5, 0, 11])
     x = torch.randn(16, 16, dtype=torch.bfloat16)
-    assert_backends_agree(grouped_and_looped(experts, x, counts), counts, tolerance=3e-2)
+    assert_backends_agree(grouped_and_looped(experts, x, counts), counts)
     assert backend(torch.device("cpu"), torch.bfloat16) == "looped"  # the CPU's kernel is slower than the loop
 
     def forward_backward(choice):
@@ -222,7 +225,7 @@ def test_dropless_experts_on_cuda_use_grouped_mm_where_it_runs_and_match_the_loo
     experts = [m.to(device, torch.bfloat16) for m in mlps(dim=64, hidden=128)]
     x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
     counts = torch.tensor([37, 0, 91], device=device)
-    assert_backends_agree(grouped_and_looped(experts, x, counts), counts, tolerance=3e-2)
+    assert_backends_agree(grouped_and_looped(experts, x, counts), counts)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,22 @@ CUDA_TESTS = ("tests/test_cuda.py::test_zero2_run_resumes_bitwise",
 
 def test_tests_phase_reports_every_cuda_test_of_the_repository(tmp_path):
     """Run from the repository as ``make gpu-check`` runs it, with only the tests phase: the report names each CUDA
-    test of every test file (here skipped, with the reason) and the phase passes."""
+    test of every test file (here skipped, with the reason) and the phase passes; a rehearsal an earlier check left
+    in the work folder is not reported as this check's."""
     env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_PHASES="tests", GPU_CHECK_BUDGET_S="300",
                CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "mthl_ds.studies.gpu_check"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    earlier = ROOT / "runs" / "gpu_check_work" / "rehearse_bf16" / "rehearsal.md"
+    kept = earlier.read_text() if earlier.is_file() else None
+    earlier.parent.mkdir(parents=True, exist_ok=True)
+    earlier.write_text("# Rehearsal of an earlier check\n")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mthl_ds.studies.gpu_check"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        if kept is None:
+            earlier.unlink()
+        else:
+            earlier.write_text(kept)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert [p["phase"] for p in report["phases"]] == ["tests"] and report["phases"][0]["ok"]
@@ -33,6 +44,7 @@ def test_tests_phase_reports_every_cuda_test_of_the_repository(tmp_path):
     assert all(v.startswith("skipped: needs a CUDA GPU") for v in tests.values()), tests
     markdown = (tmp_path / "gpu_report.md").read_text()
     assert "| tests | ok |" in markdown and CUDA_TESTS[0] in markdown
+    assert "rehearse_bf16" not in report and "earlier check" not in markdown
     assert not (ROOT / "mthl_ds" / "runs").exists()  # the work folder is the repository's runs/, not the package's
 
 
@@ -60,6 +72,9 @@ def test_a_phase_cut_at_its_limit_reports_what_finished_and_what_was_running(tmp
     row = {"id": "G1", "benchmark": "step", "ratio": 1.1}
     printed = ["[2026] INFO deepspeed", json.dumps(row), "{not json", json.dumps({"id": "x"}), json.dumps(row)]
     assert bench_rows(printed) == [row, row]
+    cut = gpu_check.phase_results("bench", printed, tmp_path)
+    assert cut["bench_rows"] == [row, row] and cut["bench"].startswith("bench cut at its time limit")
+    assert "| G1 | step |" in cut["bench"]
 
 
 def test_the_tests_phase_cuts_a_hung_test_at_its_timeout(tmp_path, monkeypatch):

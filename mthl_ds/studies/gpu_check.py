@@ -164,6 +164,25 @@ def bench_rows(lines: list[str]) -> list[dict]:
     return rows
 
 
+def phase_results(name: str, lines: list[str], folder: Path) -> dict:
+    """What a phase that ran adds to the report, from its output and its work folder (cleared before it ran, so
+    nothing an earlier check left): the tests' outcomes and printed notes, a rehearsal's table, the bench's rows and
+    table (cut before it wrote its table: the rows it printed)."""
+    if name == "tests":
+        return {"tests": recorded_outcomes(folder / "outcomes.jsonl"), "notes": printed_notes(lines)}
+    if name.startswith("rehearse"):
+        md = folder / "rehearsal.md"
+        return {name: md.read_text() if md.is_file() else None}
+    rows = bench_rows(lines)
+    md = folder / "bench_gpu.md"
+    if md.is_file() or not rows:
+        return {"bench_rows": rows, "bench": md.read_text() if md.is_file() else None}
+    from mthl_ds.studies.bench.common import markdown_table
+    from mthl_ds.studies.bench.suite import COLUMNS  # imports DeepSpeed: here, not where a missing one is reported
+    return {"bench_rows": rows,
+            "bench": "bench cut at its time limit; the rows it measured:\n\n" + markdown_table(rows, COLUMNS)}
+
+
 def report_markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU check: {env.get('gpu', 'no GPU')}", "",
@@ -205,7 +224,6 @@ def main() -> int:
     for name, _, _ in phases:  # what an earlier check left is not this one's result
         shutil.rmtree(work / name, ignore_errors=True)
         (work / name).mkdir(parents=True)
-    outcomes_file = work / "tests" / "outcomes.jsonl"
     report: dict = {"environment": environment(), "phases": []}
     print(json.dumps(report["environment"], indent=1), flush=True)
     with open(out / "gpu_check.log", "w") as log:
@@ -219,30 +237,16 @@ def main() -> int:
             if name == "bench" and builder.poll() is None:
                 builder.wait(timeout=max(1.0, min(120.0, left / 3)))
             command = [c.format(work=work) for c in command]
+            env = None
             if name == "tests":
                 command = tests_command(command)
-            outcome = run_phase(name, command, limit, log, {"MTHL_TEST_OUTCOMES": str(outcomes_file)})
-            lines = outcome.pop("lines")
-            if name == "tests":
-                report["notes"] = printed_notes(lines)
-            if name == "bench":
-                report["bench_rows"] = bench_rows(lines)
+                env = {"MTHL_TEST_OUTCOMES": str(work / name / "outcomes.jsonl")}
+            outcome = run_phase(name, command, limit, log, env)
+            report.update(phase_results(name, outcome.pop("lines"), work / name))
             report["phases"].append(outcome)
             print(f"{name}: {'ok' if outcome['ok'] else 'FAILED'} in {outcome['seconds']} s", flush=True)
         if builder is not None and builder.poll() is None:
             builder.kill()
-    report["tests"] = recorded_outcomes(outcomes_file)
-    for name in ("rehearse_bf16", "rehearse_fp16"):
-        md = work / name / "rehearsal.md"
-        report[name] = md.read_text() if md.is_file() else None
-    bench_md = work / "bench" / "bench_gpu.md"
-    if bench_md.is_file():
-        report["bench"] = bench_md.read_text()
-    elif report.get("bench_rows"):  # cut before it wrote its table: the rows it printed
-        from mthl_ds.studies.bench.common import markdown_table
-        from mthl_ds.studies.bench.suite import COLUMNS  # imports DeepSpeed: here, not where a missing one is reported
-        report["bench"] = "bench cut at its time limit; the rows it measured:\n\n" + markdown_table(
-            report["bench_rows"], COLUMNS)
     report["wall_s"] = time.perf_counter() - start
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "gpu_report.md").write_text(report_markdown(report))
