@@ -119,6 +119,10 @@ def cmd_bench(args) -> int:
         precisions = tuple(args.precisions.split(",")) if args.precisions else ("fp32", "bf16")
         rows = run(args.recipe, precisions, repeats=args.repeats, batches=args.batches,
                    progress=lambda row: print(json.dumps(row)))
+    elif args.suite == "launches":
+        from mthl_ds.studies.bench.launches import COLUMNS as columns
+        from mthl_ds.studies.bench.launches import run
+        rows = run(args.recipe, tuple(args.precisions.split(",")) if args.precisions else ("bf16",), args.batches)
     elif args.suite == "large-image":
         from mthl_ds.studies.bench.large_image import run
         rows = run()
@@ -421,11 +425,13 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_shards)
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     p.add_argument("suite", nargs="?", default="all",
-                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image", "moe", "step"],
+                   choices=["all", "data", "lamb", "gpu", "integrity", "large-image", "launches", "moe", "step"],
                    help="all: the suite B1-B8 (+ the G rows with CUDA); data / lamb / gpu / integrity / large-image / "
-                        "moe: one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and "
+                        "launches / moe: one benchmark in detail (gpu: CUDA only; integrity: checksum, manifest and "
                         "export-checksum costs; large-image: peak memory of predicting a 6000x4000 photo's "
-                        "segmentation; moe: one MoE layer, capacity / dropless / DeepSpeed's / dense, at the "
+                        "segmentation; launches: the kernels one ImageNet step launches, per phase, through the "
+                        "trainer (MTHL.D, MTHL capacity / dropless) against a bare timm Swin-T loop, countable "
+                        "without a GPU; moe: one MoE layer, capacity / dropless / DeepSpeed's / dense, at the "
                         "Swin-T stage widths and the paper's per-GPU tokens; step: MTHL (capacity and dropless) "
                         "against MTHL.D, one training forward and backward per dataset at the recipe's input sizes)")
     p.add_argument("--only", help="suite: comma-separated ids to run (B1,...,B8; GPU: the G rows, with CUDA)")
@@ -433,11 +439,14 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=400, help="samples per timed loop")
     p.add_argument("--real-size", action="store_true", help="data: each dataset at the recipe's real sizes and "
                    "augmentations, and the workers per GPU that feed a V100 (at most 48 samples per loop)")
-    p.add_argument("--recipe", default="mthl_swin_t", help="data --real-size, step: the recipe whose datasets to time")
-    p.add_argument("--precisions", help="step: comma-separated, of fp32, bf16, fp16 (default fp32,bf16)")
+    p.add_argument("--recipe", default="mthl_swin_t",
+                   help="data --real-size, step, launches: the recipe whose datasets to time")
+    p.add_argument("--precisions", help="step: comma-separated, of fp32, bf16, fp16 (default fp32,bf16); launches: of "
+                   "bf16, fp16 (default bf16)")
     p.add_argument("--batches", type=batch_sizes,
-                   help="step: batch size per dataset, e.g. imagenet=64,coco=2,ade20k=2 (the paper's per-GPU batches, "
-                        "the default with CUDA; on the CPU imagenet=8,coco=1,ade20k=2)")
+                   help="step, launches: batch size per dataset, e.g. imagenet=64,coco=2,ade20k=2 (the paper's "
+                        "per-GPU batches, the default with CUDA; on the CPU step's default is imagenet=8,coco=1,"
+                        "ade20k=2, launches' imagenet=2,coco=1,ade20k=2)")
     p.add_argument("--scale", type=positive_float,
                    help="moe: multiply the paper's per-GPU token counts (default 1 with CUDA, 1/4 on the CPU)")
     p.add_argument("--repeats", type=int, default=5)

@@ -150,3 +150,32 @@ def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset
     assert all(dropless["bf16", d] > dropless["fp32", d] for d in ("imagenet", "coco", "ade20k"))
     assert any(r["dropped"] != "0.0%" for r in rows if r["candidate"] in ("MTHL capacity", BATCHED))
     assert all(r["dropped"] == "0.0%" for r in rows if r["candidate"] == "MTHL dropless")
+
+
+def test_launch_bench_counts_each_phase_of_a_trainer_step_against_the_bare_loop(tmp_path):
+    """``mthl-ds bench launches`` on mthl_swin_t (batch 1): the bare timm loop first, then MTHL.D, MTHL capacity
+    (its experts looped, and batched, as a GPU runs them) and MTHL dropless through the trainer, each phase
+    counted. The optimizer step (ZeRO 2's norm, LAMB) launches fewer kernels than the model has tensors: it is
+    multi-tensor, where DeepSpeed's own norm takes two per tensor (a float64 copy and a norm)."""
+    from mthl_ds.build import build_model
+    from mthl_ds.cli import main
+    from mthl_ds.config import load_recipe
+    from mthl_ds.studies.bench.launches import PHASES
+    from mthl_ds.studies.model_info import dense_twin
+    assert main(["bench", "launches", "--batches", "imagenet=1,coco=1,ade20k=2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_launches.json").read_text())
+    assert [(r["candidate"], r["dispatch"]) for r in rows] == [
+        ("bare timm Swin-T loop", ""), ("MTHL.D through the trainer", "dense"),
+        ("MTHL through the trainer", "capacity (experts: looped)"),
+        ("MTHL through the trainer", "capacity (experts: batched)"),
+        ("MTHL through the trainer", "dropless (experts: looped)")]
+    recipe = load_recipe("mthl_swin_t")
+    tensors = {"dense": len(list(build_model(dense_twin(recipe)).parameters())),
+               "moe": len(list(build_model(recipe).parameters()))}
+    for r in rows:
+        assert r["total"] == sum(r[p] for p in PHASES) and r["forward"] > 0 and r["backward"] > 0, r
+        assert r["ratio"] == round(r["total"] / rows[0]["total"], 2)
+        if r["dispatch"]:
+            assert 0 < r["step"] < tensors["dense" if r["dispatch"] == "dense" else "moe"], (r, tensors)
+    moe = [r for r in rows if r["dispatch"].startswith("capacity")]
+    assert moe[1]["total"] < moe[0]["total"]  # batched experts: two bmm per linear layer, not one matmul per expert

@@ -4,9 +4,9 @@ torch's ``FakeTensorMode`` makes tensors on device ``cuda`` with no GPU (this ma
 that mixes devices raises ``FakeTensorDeviceMismatchError``, and an op whose output shape or a Python value depends
 on a tensor's contents (``nonzero``, boolean-mask indexing, ``.item()``, ``.tolist()``, ``bool(t)``) raises too. On
 a real GPU each of those is a device mismatch or a device-to-host sync. So a training step that runs here under
-fake CUDA (model, heads, losses, routing statistics, LAMB on whole tensors and on a ZeRO partition) places
-everything on the device and waits for nothing. Backward needs a real device (autograd asks for a CUDA context):
-that part is the CUDA tests' (tests/test_cuda.py).
+fake CUDA (model, heads, losses, routing statistics, LAMB on whole tensors and on a ZeRO partition, ZeRO's
+gradient norm and overflow check) places everything on the device and waits for nothing. Backward needs a real
+device (autograd asks for a CUDA context): that part is the CUDA tests' (tests/test_cuda.py).
 """
 import ast
 from pathlib import Path
@@ -19,7 +19,7 @@ from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.moe import grouped
 from mthl_ds.runtime.device import to_device
-from mthl_ds.runtime.engine import optimizer_groups
+from mthl_ds.runtime.engine import global_grad_norm, has_nonfinite, optimizer_groups
 from mthl_ds.runtime.optim import Lamb, PartitionLayout
 from mthl_ds.studies.memory import cast_parameters
 from mthl_ds.tasks import fake_batch
@@ -144,6 +144,20 @@ def test_lamb_step_stays_on_the_device_without_syncs(recipe_name):
         states = [v for s in list(whole.state.values()) + list(partitioned.state.values()) for v in s.values()]
         counts = [g["step"] for g in whole.param_groups + partitioned.param_groups]
     assert states and all(t.device.type == "cuda" for t in states + counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_zero_gradient_norm_and_overflow_check_stay_on_the_device_without_syncs(dtype):
+    """The global norm and overflow check build_engine gives ZeRO 1/2 (runtime/engine.py), over mthl_swin_t's
+    gradients as half-precision fragments of two parameter groups, with one of ZeRO's padding fragments."""
+    sizes = [p.numel() for p in build_model(load_recipe("mthl_swin_t")).parameters()]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fragments = list(torch.randn(sum(sizes) + 8, device="cuda", dtype=dtype).split(sizes + [8]))
+        fragments[-1]._zero_padding = True
+        groups = [fragments[:100], fragments[100:]]
+        norm, flag = global_grad_norm(groups), has_nonfinite(groups)
+    assert norm.device.type == "cuda" and norm.dtype == torch.float32 and norm.shape == ()
+    assert flag.device.type == "cuda" and flag.dtype == torch.bool and flag.shape == (1,)
 
 
 def test_lamb_masked_step_leaves_everything_as_it_was():

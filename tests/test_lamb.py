@@ -100,6 +100,24 @@ def test_per_partition_lamb_is_a_different_optimizer(ranks):
     print(f"per-partition LAMB (ZeRO 2) vs stage 0: max relative difference {max(differences):.3g}; ours: {ours:.3g}")
 
 
+@pytest.mark.parametrize("cfg", ["zero1_fp32.json", "zero2_fp32.json"])
+def test_zero_global_norm_and_overflow_check_are_deepspeeds(ranks, cfg):
+    """build_engine's multi-tensor ZeRO norm and overflow check give what DeepSpeed's per-tensor code gives on the
+    same gradients (2 ranks, ep_size 2: expert and shared groups); a NaN planted on one rank makes both infinite
+    on every rank, and the overflow flag True on that rank. Ours dispatches a few ops per group, DeepSpeed's a few
+    per tensor."""
+    for rank, r in enumerate(ranks):
+        n = r["norms"][cfg]
+        assert n["ops_ours"] <= 5 * n["groups"] + 10 < 2 * n["tensors"] <= n["ops_deepspeed"], n
+        for ours, theirs in zip(n["ours"][:2], n["deepspeed"][:2]):
+            assert torch.isfinite(ours) and float(ours) > 0
+            torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-5, atol=0)
+        assert float(n["ours"][2]) == float(n["deepspeed"][2]) == float("inf")
+        assert [bool(f) for f in n["overflow_ours"]] == [bool(f) for f in n["overflow_deepspeed"]] \
+            == [False, False, rank == 1]
+        assert n["overflow_ours"][0].shape == n["overflow_deepspeed"][0].shape == (1,)
+
+
 def test_lamb_benchmark_smoke():
     from mthl_ds.studies.bench.lamb import run
     rows = run(repeats=1)

@@ -155,9 +155,63 @@ def build_engine(model: nn.Module, recipe: Recipe):
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=config)
     attach_zero_layout(engine, recipe.train.grad_clip if lamb_clips else 0.0)
+    use_multi_tensor_zero_norm(engine)
     if stage == 0:
         use_exact_moe_clipping(engine)
     return engine, optimizer, scheduler
+
+
+def use_multi_tensor_zero_norm(engine) -> None:
+    """ZeRO 1/2's global gradient norm and fp16 overflow check as multi-tensor kernels (:func:`global_grad_norm`,
+    :func:`has_nonfinite`): a few kernels per parameter group, where DeepSpeed's take a few per tensor of the
+    rank's partition. With them an optimizer step of MTHL Swin-T (832 tensors) dispatches 259 ops in bf16 and 290
+    in fp16, against 1,955 and 12,789 with DeepSpeed's (``mthl-ds bench launches``, the ``step`` column). The
+    values are DeepSpeed's (``get_grad_norm_direct``, ``_average_expert_grad_norms``, ``combine_grad_norm_groups``,
+    ``has_overflow_partitioned_grads_serial``) up to rounding; DeepSpeed's averaging of an expert group's norm over
+    its expert-data-parallel group, whose ranks already hold the same value after the data-parallel all-reduce, is
+    the identity and left out. Installed on the ZeRO optimizer object where it runs without CPU offload, model or
+    pipeline parallelism; DeepSpeed's own code stays in place otherwise."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    zero = engine.optimizer
+    if (not isinstance(zero, DeepSpeedZeroOptimizer) or isinstance(engine, PipelineEngine) or zero.cpu_offload
+            or zero.model_parallel_world_size > 1):
+        return
+
+    def groups() -> list[list[torch.Tensor]]:  # each group's gradient fragments in this rank's partition
+        return [zero.averaged_gradients[i] for i in range(len(zero.bit16_groups))]
+
+    zero.scaled_global_norm = lambda norm_type=2: global_grad_norm(groups(), zero.dp_process_group, norm_type)
+    zero.has_overflow_partitioned_grads_serial = lambda: has_nonfinite(groups())
+
+
+def fragment_norms(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per group, the float32 L2 norm of each gradient fragment (ZeRO's padding fragments left out): one
+    multi-tensor op per group."""
+    device = next((g.device for fragments in groups for g in fragments if g is not None), None)
+    norms = []
+    for fragments in groups:
+        kept = [g for g in fragments if g is not None and not getattr(g, "_zero_padding", False)]
+        norms.append(torch.stack(torch._foreach_norm(kept, 2, dtype=torch.float32)) if kept
+                     else torch.zeros(0, device=device))
+    return norms
+
+
+def global_grad_norm(groups: list[list[torch.Tensor]], process_group=None, norm_type: int = 2) -> torch.Tensor:
+    """The L2 norm of every group's gradient fragments over the data-parallel ``process_group`` (each rank holds
+    its own partition), infinite where a fragment is not finite: the norm ZeRO clips by and reads overflow from.
+    Squares are summed in float32 (DeepSpeed: float64), so a gradient element beyond 1.8e19 makes it infinite
+    and the step is skipped as non-finite rather than clipped."""
+    if norm_type != 2:
+        raise ValueError(f"only the L2 gradient norm is supported, not norm_type={norm_type}")
+    squares = all_reduce_(torch.stack([n.square().sum() for n in fragment_norms(groups)]), group=process_group)
+    total = squares.sum().sqrt()
+    return torch.where(torch.isfinite(squares).all(), total, torch.full_like(total, float("inf")))
+
+
+def has_nonfinite(groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Whether a gradient fragment of this rank holds an inf or NaN: a bool tensor of shape (1,) on the device."""
+    return (~torch.isfinite(torch.cat(fragment_norms(groups)))).any().reshape(1)
 
 
 def use_exact_moe_clipping(engine) -> None:

@@ -93,6 +93,7 @@ class Lamb(torch.optim.Optimizer):
         self.grad_norm: Optional[Callable[[], Tensor]] = None
         self.max_grad_norm = 0.0
         self._whole_layouts: dict[tuple[int, ...], PartitionLayout] = {}  # per list of whole tensors' sizes
+        self.cpu_chunk_numel = 1 << 18  # whole tensors on the CPU: chunks of about this size (_update_whole); 0: one
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -119,7 +120,8 @@ class Lamb(torch.optim.Optimizer):
                 mask = self._mask(torch.isfinite(norms).all())
                 step = self._count_step(group, mask)
                 start = 0
-                for chunk in cache_sized(whole) if whole[0].device.type == "cpu" else [whole]:
+                chunked = whole[0].device.type == "cpu" and self.cpu_chunk_numel
+                for chunk in cache_sized(whole, self.cpu_chunk_numel) if chunked else [whole]:
                     self._update_whole(chunk, grads[start:start + len(chunk)], norms[start:start + len(chunk)],
                                        group, step, mask)
                     start += len(chunk)

@@ -1,5 +1,7 @@
 """2-rank worker: 5 LAMB steps of the demo model (MoE, ep_size 2) under ZeRO 0, 1 and 2 with our LAMB, and
-under ZeRO 0 and 2 with timm's LAMB (DeepSpeed's per-partition behaviour). Each rank saves its weights."""
+under ZeRO 0 and 2 with timm's LAMB (DeepSpeed's per-partition behaviour). Each rank saves its weights, and
+ZeRO 1/2's global gradient norm and overflow check as the engine computes them against DeepSpeed's own code on the
+same gradients (``norms``)."""
 import sys
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from timm.optim import Lamb as TimmLamb
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_ranks import global_batch, global_name  # noqa: E402
@@ -60,8 +63,51 @@ def run(name: str) -> dict:
     return weights(engine, 2)
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched under it (each a kernel launch on a GPU, views aside)."""
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def norms_against_deepspeed(cfg: str) -> dict:
+    """After each backward, the ZeRO optimizer's global norm and local overflow flag (ours, installed by
+    build_engine) next to DeepSpeed's own methods on the same gradients; the last step with a NaN planted in one
+    expert gradient fragment on rank 1."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+    recipe = load_recipe("demo", overrides(cfg, 2))
+    engine, _, _ = build_engine(build_model(recipe, ep_size=2, ep_rank=ep_rank(2)), recipe)
+    zero = engine.optimizer
+    rank, size = world()
+    out = {"ours": [], "deepspeed": [], "overflow_ours": [], "overflow_deepspeed": [], "groups": len(zero.bit16_groups)}
+    for step in range(3):
+        images, labels = global_batch(8, seed=step)
+        engine.module.set_dataset("imagenet")
+        engine.backward(F.cross_entropy(engine(images[rank * 4:(rank + 1) * 4]), labels[rank * 4:(rank + 1) * 4]))
+        if step == 2 and rank == 1:
+            expert_group = next(i for i, moe in enumerate(zero.is_moe_param_group) if moe)
+            zero.averaged_gradients[expert_group][0].view(-1)[0] = float("nan")
+        out["ours"].append(zero.scaled_global_norm())
+        out["deepspeed"].append(Zero.scaled_global_norm(zero))
+        out["overflow_ours"].append(zero.has_overflow_partitioned_grads_serial())
+        out["overflow_deepspeed"].append(Zero.has_overflow_partitioned_grads_serial(zero))
+        if step == 0:
+            out["tensors"] = sum(len(zero.averaged_gradients[i]) for i in range(out["groups"]))
+            for name, norm in (("ops_ours", lambda: zero.scaled_global_norm()),
+                               ("ops_deepspeed", lambda: Zero.scaled_global_norm(zero))):
+                with OpCount() as count:
+                    norm()
+                out[name] = count.ops
+        if step < 2:
+            engine.step()
+    return out
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     init_distributed()
     results = {name: run(name) for name in RUNS}
+    results["norms"] = {cfg: norms_against_deepspeed(cfg) for cfg in ("zero1_fp32.json", "zero2_fp32.json")}
     torch.save(results, out / f"rank{world()[0]}.pt")

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from mthl_ds.config import Recipe, load_recipe
 from mthl_ds.models.counting import count_flops
 from mthl_ds.runtime.device import pin_memory, to_device
+from mthl_ds.runtime.optim import Lamb
 from mthl_ds.studies.bench.common import side_by_side
 from mthl_ds.studies.bench.suite import fwd_bwd, matmul_peak, row
 from mthl_ds.tasks import fake_batch
@@ -199,7 +201,7 @@ def lamb_rows(setup: Setup) -> list[dict]:
     from deepspeed.ops.lamb import FusedLamb
 
     from mthl_ds.build import build_model
-    from mthl_ds.runtime.optim import Lamb, PartitionLayout
+    from mthl_ds.runtime.optim import PartitionLayout
     source = [p.detach().to(setup.device) for p in build_model(load_recipe(setup.recipe)).parameters()]
 
     def params():
@@ -228,30 +230,40 @@ def lamb_rows(setup: Setup) -> list[dict]:
     return rows
 
 
-def overhead_rows(setup: Setup, precision: str) -> list[dict]:
-    """G6: MTHL.D's ImageNet step through our trainer against a bare loop over timm's Swin-T (autocast in the same
-    precision, fp32 weights, our LAMB on whole tensors) at the same batch."""
+def bare_loop(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> tuple[Callable[..., None], Lamb]:
+    """G6's baseline: one step of timm's Swin-T at the recipe's ImageNet size, classes and batch, autocast in
+    ``dtype`` over fp32 weights, our LAMB on whole tensors. Returns ``(step, optimizer)``; ``step(mark)`` calls
+    ``mark(phase)`` as each of forward, backward, step and "after step" begins."""
     import timm
+    net = timm.create_model("swin_tiny_patch4_window7_224", num_classes=recipe.datasets["imagenet"].num_classes,
+                            img_size=recipe.datasets["imagenet"].size).to(device)
+    optimizer = Lamb(net.parameters(), lr=1e-4, weight_decay=0.05)
+    batch = to_device(fake_batch(recipe, "imagenet"), device)
 
-    from mthl_ds.runtime.optim import Lamb
+    def step(mark: Callable[[str], None] = lambda phase: None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        mark("forward")
+        with torch.autocast(device.type, dtype=dtype):
+            loss = F.cross_entropy(net(batch["image"]).float(), batch["label"])
+        mark("backward")
+        loss.backward()
+        mark("step")
+        optimizer.step()
+        mark("after step")
+    return step, optimizer
+
+
+def overhead_rows(setup: Setup, precision: str) -> list[dict]:
+    """G6: MTHL.D's ImageNet step through our trainer against :func:`bare_loop` at the same batch and precision."""
     from mthl_ds.studies.model_info import dense_twin
-    dtype = PRECISIONS[precision]
     trainers = {stage: bench_trainer(dense_twin(bench_recipe(setup.recipe, precision, setup.folder, setup.batches,
                                                              stage)), setup.folder) for stage in (2, 1)}
-    recipe = trainers[2].recipe
     size = setup.batches["imagenet"]
-    net = timm.create_model("swin_tiny_patch4_window7_224", num_classes=recipe.datasets["imagenet"].num_classes,
-                            img_size=recipe.datasets["imagenet"].size).to(setup.device)
-    optimizer = Lamb(net.parameters(), lr=1e-4, weight_decay=0.05)
-    batch = to_device(fake_batch(recipe, "imagenet"), setup.device)
+    step, _ = bare_loop(trainers[2].recipe, setup.device, PRECISIONS[precision])
 
     def bare():
-        for _ in range(2):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(setup.device.type, dtype=dtype):
-                loss = F.cross_entropy(net(batch["image"]).float(), batch["label"])
-            loss.backward()
-            optimizer.step()
+        step()
+        step()
 
     rows = []
     for stage, trainer in trainers.items():
