@@ -65,3 +65,26 @@ def test_deepspeed_launcher_ranks_leave_no_shared_memory(tmp_path):
     assert "rank 0/2 sum 2" in proc.stdout and "rank 1/2 sum 2" in proc.stdout
     left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the ranks left DeepSpeed shared-memory buffers in /dev/shm: {left}"
+
+
+def test_deepspeed_builds_its_ops_in_a_folder_per_torch_version(tmp_path):
+    """A process of the package builds DeepSpeed's shared-memory all-reduce op under
+    ``torch_extensions/torch<version>_py<python>``, not in torch's folder shared by every torch version of one
+    Python and CUDA, whose ``lock`` torch 2.14 leaves behind and torch 2.11 waits on forever; a
+    ``TORCH_EXTENSIONS_DIR`` of the user's is kept."""
+    code = ("import os; from mthl_ds.runtime.engine import init_distributed; init_distributed(); "
+            "print(os.environ['TORCH_EXTENSIONS_DIR'])")
+    env = {k: v for k, v in launcher_free_env().items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}"
+    folder = tmp_path / "cache" / "torch_extensions" / version
+    assert proc.stdout.strip().splitlines()[-1] == str(folder)
+    assert list((folder / "deepspeed_shm_comm").glob("*.so")), sorted(p.name for p in folder.rglob("*"))
+    assert [p.name for p in (tmp_path / "cache" / "torch_extensions").iterdir()] == [folder.name]
+    mine = tmp_path / "mine"
+    proc = subprocess.run([sys.executable, "-c", "import os, mthl_ds.runtime.accelerator; "
+                           "print(os.environ['TORCH_EXTENSIONS_DIR'])"], capture_output=True, text=True,
+                          timeout=120, env=dict(env, TORCH_EXTENSIONS_DIR=str(mine)))
+    assert proc.returncode == 0 and proc.stdout.strip() == str(mine), proc.stderr[-2000:]

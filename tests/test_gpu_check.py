@@ -20,9 +20,10 @@ CUDA_TESTS = ("tests/test_cuda.py::test_zero2_run_resumes_bitwise",
 def test_tests_phase_reports_every_cuda_test_of_the_repository(tmp_path):
     """Run from the repository as ``make gpu-check`` runs it, with only the tests phase: the report names each CUDA
     test of every test file (here skipped, with the reason) and the phase passes; a rehearsal an earlier check left
-    in the work folder is not reported as this check's."""
-    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_PHASES="tests", GPU_CHECK_BUDGET_S="300",
-               CUDA_VISIBLE_DEVICES="")
+    in the work folder is not reported as this check's. JIT builds (the background FusedLamb's, the bench's) go to
+    the package's folder per torch version, also when the check starts without ``TORCH_EXTENSIONS_DIR``."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(OUT=str(tmp_path), GPU_CHECK_PHASES="tests", GPU_CHECK_BUDGET_S="300", CUDA_VISIBLE_DEVICES="")
     earlier = ROOT / "runs" / "gpu_check_work" / "rehearse_bf16" / "rehearsal.md"
     kept = earlier.read_text() if earlier.is_file() else None
     earlier.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,8 @@ def test_tests_phase_reports_every_cuda_test_of_the_repository(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert [p["phase"] for p in report["phases"]] == ["tests"] and report["phases"][0]["ok"]
+    assert report["environment"]["torch_extensions_dir"].endswith(
+        f"/torch{report['environment']['torch']}_py{sys.version_info[0]}{sys.version_info[1]}")
     tests = report["tests"]
     assert set(CUDA_TESTS) <= set(tests), sorted(tests)
     assert len(tests) >= 16 and all(t.startswith("tests/") for t in tests)

@@ -48,7 +48,7 @@ def environment() -> dict:
 
     import torch
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available()}
+            "cuda_available": torch.cuda.is_available(), "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
@@ -217,6 +217,8 @@ def main() -> int:
     if torch.cuda.is_available():  # one target for every JIT build (FusedLamb), so the bench reuses the background
         major, minor = torch.cuda.get_device_capability(0)  # one; DeepSpeed's builder cannot parse "9.0a"
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    from mthl_ds.runtime import accelerator  # noqa: F401  (sets TORCH_EXTENSIONS_DIR: the background FusedLamb
+    # build and the bench, which imports the package, then build into and load from the same folder)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call: the bitwise-resume test
     out = Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check")
     work = ROOT / "runs" / "gpu_check_work"
