@@ -186,8 +186,8 @@ def use_multi_tensor_zero_norm(engine) -> None:
 
 
 def fragment_norms(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per group, the float32 L2 norm of each gradient fragment (ZeRO's padding fragments left out): one
-    multi-tensor op per group."""
+    """Per group, the float32 L2 norm of each gradient tensor or ZeRO fragment (ZeRO's padding fragments left
+    out): one multi-tensor op per group."""
     device = next((g.device for fragments in groups for g in fragments if g is not None), None)
     norms = []
     for fragments in groups:
@@ -227,7 +227,7 @@ def use_exact_moe_clipping(engine) -> None:
     from deepspeed.utils import groups
 
     def squares(grads: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return fragment_norms([grads])[0].square().sum()
 
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]

@@ -9,7 +9,6 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from timm.optim import Lamb as TimmLamb
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_ranks import global_batch, global_name  # noqa: E402
@@ -19,6 +18,7 @@ from mthl_ds.config import load_recipe  # noqa: E402
 from mthl_ds.runtime.collectives import world  # noqa: E402
 from mthl_ds.runtime.engine import (build_engine, ds_config, ep_rank, init_distributed, optimizer_groups,  # noqa: E402
                                     triangular_schedule)
+from mthl_ds.studies.bench.launches import LaunchCount  # noqa: E402
 
 STEPS = 5
 RUNS = {"stage0": ("stage0_fp32.json", "ours"), "zero1": ("zero1_fp32.json", "ours"),
@@ -63,15 +63,6 @@ def run(name: str) -> dict:
     return weights(engine, 2)
 
 
-class OpCount(TorchDispatchMode):
-    """Counts the aten ops dispatched under it (each a kernel launch on a GPU, views aside)."""
-    ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def norms_against_deepspeed(cfg: str) -> dict:
     """After each backward, the ZeRO optimizer's global norm and local overflow flag (ours, installed by
     build_engine) next to DeepSpeed's own methods on the same gradients; the last step with a NaN planted in one
@@ -97,9 +88,9 @@ def norms_against_deepspeed(cfg: str) -> dict:
             out["tensors"] = sum(len(zero.averaged_gradients[i]) for i in range(out["groups"]))
             for name, norm in (("ops_ours", lambda: zero.scaled_global_norm()),
                                ("ops_deepspeed", lambda: Zero.scaled_global_norm(zero))):
-                with OpCount() as count:
+                with LaunchCount() as count:
                     norm()
-                out[name] = count.ops
+                out[name] = sum(count.counts.values())
         if step < 2:
             engine.step()
     return out
