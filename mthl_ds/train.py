@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -323,8 +324,11 @@ class Trainer:
                             self.engine.optimizer.loss_scale)
             return self.skipped(record, name, "gradient overflow", start)
         self.model.backbone.update_routing_buffers(all_reduce_mean, applied)
-        for layer, gate_usage in zip(self.model.backbone.moe_layers, self.usage.get(name, [])):
-            gate_usage[:layer.num_experts] += layer.gate.counts.float() * applied
+        if name in self.usage:  # (layers, widest): a pruned layer's counts padded with zeros
+            usage = self.usage[name]
+            counts = [layer.gate.counts for layer in self.model.backbone.moe_layers]
+            counts = [c if len(c) == usage.shape[1] else F.pad(c, (0, usage.shape[1] - len(c))) for c in counts]
+            usage += torch.stack(counts).float() * applied
         return {**record, "host_seconds": time.perf_counter() - start}
 
     def skipped(self, record: dict, name: str, reason: str, start: float) -> dict:

@@ -9,7 +9,8 @@ from mthl_ds.moe.layer import MoEMlp
 
 
 def reference_routing(x, weight, k, capacity_factor, min_capacity, renormalize):
-    """Dense (S, E) kept-mask, slot locations and gate values, computed in float64 with plain loops."""
+    """Dense (S, E) kept-mask, slot locations (each expert's kept routes in order of probability, as the gate
+    fills them) and gate values, computed in float64 with plain loops."""
     probs = torch.softmax(x.double() @ weight.double().t(), dim=1)
     s_count, e_count = probs.shape
     routed = torch.zeros(s_count, e_count, dtype=torch.bool)
@@ -17,14 +18,12 @@ def reference_routing(x, weight, k, capacity_factor, min_capacity, renormalize):
         routed[s, probs[s].topk(k).indices] = True
     capacity = max(math.ceil(k * capacity_factor * s_count / e_count), min_capacity)
     kept = torch.zeros_like(routed)
-    for e in range(e_count):
-        tokens = [s for s in range(s_count) if routed[s, e]]
-        for s in sorted(tokens, key=lambda t: -probs[t, e].item())[:capacity]:
-            kept[s, e] = True
     locations = torch.full((s_count, e_count), -1, dtype=torch.long)
     for e in range(e_count):
-        rows = kept[:, e].nonzero().flatten()
-        locations[rows, e] = torch.arange(len(rows))
+        tokens = [s for s in range(s_count) if routed[s, e]]
+        for location, s in enumerate(sorted(tokens, key=lambda t: -probs[t, e].item())[:capacity]):
+            kept[s, e] = True
+            locations[s, e] = location
     gates = probs * kept
     if renormalize:
         gates = gates / gates.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
@@ -134,6 +133,30 @@ def test_only_current_router_gets_gradient():
     (y.square().sum() + gate.weighted_loss()).backward()
     assert gate.routers["a"].proj.weight.grad is not None and gate.routers["a"].proj.weight.grad.abs().sum() > 0
     assert gate.routers["b"].proj.weight.grad is None
+
+
+def test_a_router_whose_logits_select_other_experts_routes_to_them():
+    """A router's ``choices`` name the expert of each logit: routes, counts and usage follow them. The gate skips
+    re-indexing only while logit i selects expert i for every expert (``Router.in_order``), set again when a
+    state dict is loaded."""
+    torch.manual_seed(6)
+    gate = make_gate(k=2, num_experts=6, capacity_factor=0.5, loss_coefs={"mi": 1.0})
+    x = torch.randn(30, 16)
+    plain = gate(x)
+    indices, counts, usage = plain.indices.clone(), plain.counts.clone(), gate.pending_usage[1].clone()
+    assert (indices < 0).any() and gate.routers["a"].in_order  # capacity dropped routes
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    gate.routers["a"].set_choices(order)
+    gate.context.forward_id += 1
+    moved = gate(x)
+    assert not gate.routers["a"].in_order
+    assert torch.equal(moved.indices, torch.where(indices >= 0, order[indices], -1))
+    assert torch.equal(moved.counts[order], counts)
+    torch.testing.assert_close(gate.pending_usage[1][order], usage)
+    fresh = make_gate(k=2, num_experts=6, capacity_factor=0.5)
+    fresh.load_state_dict(gate.state_dict())
+    assert not fresh.routers["a"].in_order and fresh.routers["b"].in_order
+    assert torch.equal(fresh(x).indices, moved.indices)
 
 
 def test_per_dataset_top_k():

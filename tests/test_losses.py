@@ -43,6 +43,23 @@ def test_mi_gradient_equals_exact_mi_gradient_when_buffer_is_true_joint():
     assert (grad_other - grad_exact).abs().max() > 1e-3
 
 
+def test_mi_weights_give_the_surrogate_and_its_gradient_for_one_dataset_row():
+    """The gate's form of Eq. 5 (weights from the buffer, dotted with P(E | D_i)) against ``mi_surrogate_loss`` on
+    the joint whose only non-zero row is i, value and gradient, with a buffer column of zeros (experts just added)."""
+    buffer = random_joint(3, 12, 5)
+    buffer[:, -2:] = 0
+    for row in range(3):
+        usage = torch.softmax(torch.randn(12, generator=torch.Generator().manual_seed(row), dtype=torch.float64),
+                              0).requires_grad_()
+        joint = torch.nn.functional.pad(usage[None] / 3, (0, 0, row, 2 - row))
+        expected = L.mi_surrogate_loss(joint, buffer)
+        (grad_expected,) = torch.autograd.grad(expected, usage)
+        got = torch.dot(L.mi_weights(buffer)[row], usage)
+        (grad_got,) = torch.autograd.grad(got, usage)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_got, grad_expected, rtol=1e-12, atol=1e-12)
+
+
 def test_exact_negative_mi_is_minus_mutual_information():
     independent = torch.outer(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])).double()
     assert abs(float(L.exact_negative_mi(independent))) < 1e-9
@@ -77,6 +94,41 @@ def test_buffer_momentum_update():
     gate.fold_usage(usage, 0)
     torch.testing.assert_close(gate.routing_joint[0], 0.9 * before[0] + 0.1 * usage / 2)
     torch.testing.assert_close(gate.routing_joint[1], before[1])
+
+
+def test_buffers_of_many_gates_fold_in_one_pass_as_each_would_alone():
+    """``fold_usages`` over gates of different widths (a pruned layer) and momenta equals each gate's own update,
+    bitwise; a skipped step (``applied`` False) leaves every buffer, also where the usage is not finite; and its
+    op count does not grow with the number of gates."""
+    from mthl_ds.moe.gate import fold_usages
+    from mthl_ds.studies.bench.launches import LaunchCount
+
+    def gates(count):
+        made = [PerDatasetGate(4, 6 if i % 3 else 4, ["a", "b", "c"], {"a": 1, "b": 1, "c": 1},
+                               mi_momentum=0.9 if i % 2 else 0.98) for i in range(count)]
+        for i, gate in enumerate(made):
+            gate.routing_joint.copy_(random_joint(3, gate.num_experts, i).float())
+        return made
+
+    ours, alone = gates(6), gates(6)
+    rows = [i % 3 for i in range(6)]
+    usage = torch.rand(sum(g.num_experts for g in ours), generator=torch.Generator().manual_seed(9))
+    before = [g.routing_joint.clone() for g in ours]
+    fold_usages(ours, rows, usage, torch.tensor(True))
+    for gate, row, part in zip(alone, rows, usage.split([g.num_experts for g in alone])):
+        gate.fold_usage(part, row, torch.tensor(True))
+    for gate, other, old in zip(ours, alone, before):
+        assert torch.equal(gate.routing_joint, other.routing_joint) and not torch.equal(gate.routing_joint, old)
+    fold_usages(ours, rows, torch.full_like(usage, float("nan")), torch.tensor(False))
+    assert all(torch.equal(g.routing_joint, o.routing_joint) for g, o in zip(ours, alone))
+
+    def ops(count):
+        counter, made = LaunchCount(), gates(count)
+        usage = torch.rand(sum(g.num_experts for g in made))
+        with counter:
+            fold_usages(made, [0] * count, usage, torch.tensor(True))
+        return sum(counter.counts.values())
+    assert ops(12) == ops(4)
 
 
 def test_importance_z_and_load_losses_by_hand():

@@ -23,7 +23,7 @@ from mthl_ds.config import MoEConfig
 from mthl_ds.geometry import STRIDE
 from mthl_ds.models.pretrained import load_dense_checkpoint
 from mthl_ds.moe.attention import MoEAttention
-from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext, fold_usages
 from mthl_ds.moe.layer import MoEMlp
 from mthl_ds.moe.losses import exact_negative_mi
 
@@ -218,10 +218,10 @@ class MoEBackbone(nn.Module):
     def routes_dropped(self) -> Tensor:
         """Share of the last forward's routes (every gate of this rank) that capacity dropped: 0-dim, on the
         device."""
-        gates = [gate for gate in self.gates if gate.dropped is not None]
+        gates = [gate for gate in self.gates if gate.counts is not None]
         if not gates:
             return torch.zeros(())
-        return sum(gate.dropped for gate in gates).float() / max(sum(gate.routes for gate in gates), 1)
+        return sum(gate.dropped() for gate in gates).float() / max(sum(gate.routes for gate in gates), 1)
 
     def discard_routing_statistics(self) -> None:
         """Forget this forward's routing statistics (a skipped step): the MI buffers stay as they are."""
@@ -235,12 +235,11 @@ class MoEBackbone(nn.Module):
         gates = [gate for gate in self.gates if gate.pending_usage is not None]
         if not gates:
             return
-        usage = [g.pending_usage[1] for g in gates]  # layers may differ in width after pruning
-        flat = torch.cat(usage)
+        flat = torch.cat([g.pending_usage[1] for g in gates])  # layers may differ in width after pruning
         if reduce_mean is not None:
             flat = reduce_mean(flat)
-        for gate, row in zip(gates, flat.split([u.numel() for u in usage])):
-            gate.fold_usage(row, gate.pending_usage[0], applied)
+        fold_usages(gates, [g.pending_usage[0] for g in gates], flat, applied)
+        for gate in gates:
             gate.pending_usage = None
 
 

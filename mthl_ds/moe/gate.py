@@ -28,40 +28,49 @@ DATASET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def top_k_routes(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
                  ep_group=None) -> tuple[Tensor, int | Tensor, Tensor, Tensor, Tensor]:
     """DeepSpeed's ``topkgating(..., drop_policy="probs", sparse_routes=True)`` with every tie broken by index:
-    :func:`route` on ``softmax(logits)``, returned in DeepSpeed's layout.
+    :func:`route` on ``softmax(logits)``, returned in DeepSpeed's layout, with DeepSpeed's slots: each expert's
+    kept routes fill its slots in token order (:func:`route` fills the same slots in probability order).
 
     Returns ``(l_aux, capacity, indices, locations, counts)``: routes as (K, S) rows, highest gate first, with
     index -1 for a dropped route (location 0); ``counts`` per expert before drops.
     """
-    routing = route(F.softmax(logits.float(), dim=1), k, capacity_factor, min_capacity, drop_tokens, ep_group)
+    routing = route(F.softmax(logits.float(), dim=1), k, capacity_factor, min_capacity, drop_tokens, ep_group,
+                    balance_loss=True)
+    locations = routing.locations
+    if drop_tokens:  # the kept routes' ranks in token order; dropped routes last, in a group of their own
+        group = torch.where(routing.kept, routing.experts, logits.shape[1]).flatten()
+        starts = exclusive_cumsum(F.pad(routing.counts.clamp(max=routing.capacity), (0, 1)))
+        locations = rank_in_group(group, group, starts).view_as(routing.experts)
     indices = torch.where(routing.kept, routing.experts, -1)
-    locations = routing.locations * routing.kept
-    return (routing.l_aux, routing.capacity, indices.t().contiguous().int(), locations.t().contiguous().int(),
-            routing.counts)
+    return (routing.l_aux, routing.capacity, indices.t().contiguous().int(),
+            (locations * routing.kept).t().contiguous().int(), routing.counts)
 
 
 class Routing(NamedTuple):
     """The routes of S tokens, K each, token-major: (S, K) tensors, column 0 the highest probability."""
-    l_aux: Tensor  # GShard's balance loss
+    l_aux: Optional[Tensor]  # GShard's balance loss (None where it was not asked for)
     capacity: int | Tensor  # slots per expert
     experts: Tensor  # (S, K) long: each route's expert (column of ``probs``)
     kept: Tensor  # (S, K) bool: within capacity
-    locations: Tensor  # (S, K) long: a kept route's slot in its expert, in token order
+    locations: Tensor  # (S, K) long: a kept route's slot in its expert (anything for a dropped route)
     counts: Tensor  # (E,) long: routes per expert before drops
 
 
 def route(probs: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
-          ep_group=None) -> Routing:
+          ep_group=None, balance_loss: bool = False) -> Routing:
     """Each token's K experts of highest probability; with ``drop_tokens`` each expert keeps the
     ``max(ceil(capacity_factor * K * S / E), min_capacity)`` of its routes of highest probability, else the
-    capacity is the busiest expert's count (max over ``ep_group``; none: this rank's own).
+    capacity is the busiest expert's count (max over ``ep_group``; none: this rank's own). ``balance_loss``:
+    also GShard's balance loss (``l_aux``; else None).
 
-    The work is on the K x S routes, not on the (S, E) table: one stable sort of the routes by expert (by
-    expert then probability, and a second by expert, when routes are dropped) gives every route's rank in its
-    expert, from which follow the kept routes and their slots. Equal values go to the lower expert index and
-    the earlier token, whatever else is in the batch, on every rank (``torch.topk`` leaves their order to the
-    kernel). With ``drop_tokens`` the capacity is a Python int and every shape follows from the input's: no
-    host sync. Without, it is a 0-dim tensor, which the caller reads to size its buffers.
+    The work is on the K x S routes, not on the (S, E) table: one stable sort of the routes by expert, then
+    probability (by expert alone without drops), gives every route's rank in its expert. Equal values go to the
+    lower expert index and the earlier token, whatever else is in the batch, on every rank (``torch.topk``
+    leaves their order to the kernel). A kept route's slot is that rank: with drops, each expert's slots are
+    filled in order of probability (DeepSpeed fills the same slots in token order, :func:`top_k_routes`; the
+    outputs do not depend on the order), without, in token order. With ``drop_tokens`` the capacity is a Python
+    int and every shape follows from the input's: no host sync. Without, it is a 0-dim tensor, which the
+    caller reads to size its buffers.
     """
     tokens, num_experts = probs.shape
     if k == 1:  # argmax returns the first of equal maxima
@@ -71,7 +80,7 @@ def route(probs: Tensor, k: int, capacity_factor: float, min_capacity: int, drop
     flat = experts.flatten()  # token-major: the earlier token first
     counts = torch.zeros(num_experts, dtype=torch.long, device=probs.device).index_add_(
         0, flat, torch.ones_like(flat))
-    l_aux = (probs.mean(0) * (counts / tokens)).mean() * num_experts * num_experts / k
+    l_aux = (probs.mean(0) * (counts / tokens)).mean() * num_experts * num_experts / k if balance_loss else None
     if not drop_tokens:
         capacity = counts.max()
         if ep_group is not None:  # the experts' group (set by DeepSpeed's engine)
@@ -83,11 +92,8 @@ def route(probs: Tensor, k: int, capacity_factor: float, min_capacity: int, drop
     # Sorted by expert, then by probability, highest first: probabilities are >= 0, so their float32 bits
     # (as int32) order like the values, and expert * 2^31 + (2^31 - 1 - bits) is one int64 key.
     bits = probs.detach().gather(1, experts).flatten().view(torch.int32).long()
-    rank = rank_in_group(flat * 2 ** 31 + (2 ** 31 - 1 - bits), flat, exclusive_cumsum(counts))
-    kept = rank < capacity
-    group = torch.where(kept, flat, num_experts)  # dropped routes last, in a group of their own
-    locations = rank_in_group(group, group, exclusive_cumsum(F.pad(counts.clamp(max=capacity), (0, 1))))
-    return Routing(l_aux, capacity, experts, kept.view_as(experts), locations.view_as(experts), counts)
+    rank = rank_in_group(flat * 2 ** 31 + (2 ** 31 - 1 - bits), flat, exclusive_cumsum(counts)).view_as(experts)
+    return Routing(l_aux, capacity, experts, rank < capacity, rank, counts)
 
 
 def exclusive_cumsum(counts: Tensor) -> Tensor:
@@ -105,12 +111,13 @@ def rank_in_group(key: Tensor, group: Tensor, starts: Tensor) -> Tensor:
 class Routes(NamedTuple):
     """A gate's routes of S tokens to E experts: DeepSpeed's sparse-route tuple, in its order (a tuple, so DeepSpeed
     unpacks it by position)."""
-    l_aux: Tensor  # GShard's balance loss of this call
+    l_aux: Optional[Tensor]  # GShard's balance loss of this call (None unless the gshard loss is trained)
     capacity: int | Tensor  # slots per expert: a Python int with dropped routes, else a 0-dim tensor
     num_experts: int  # E
-    indices: Tensor  # (K, S) int: each route's expert, highest gate first; -1 for a dropped route
-    locations: Tensor  # (K, S) int: each route's slot in its expert (0 for a dropped route)
-    gates: Tensor  # (K, S): each route's gate value (0 for a dropped route)
+    # (K, S) views of token-major (S, K) tensors, whose ``.t()`` is contiguous:
+    indices: Tensor  # long: each route's expert, highest gate first; -1 for a dropped route
+    locations: Tensor  # long: each route's slot in its expert (0 for a dropped route)
+    gates: Tensor  # each route's gate value (0 for a dropped route)
     counts: Tensor  # (E,): routes per expert, before capacity drops
 
 
@@ -142,12 +149,14 @@ class Router(nn.Module):
         # The logits that select an expert, derived from ``choices`` whenever it is set or loaded (not saved): a
         # forward indexes with it, so its shapes do not depend on values (``nonzero`` would sync every call).
         self.register_buffer("selectable_index", torch.arange(num_experts), persistent=False)
+        self.in_order = True  # logit i selects expert i, for every logit (set with ``choices``): nothing to re-index
         self.register_load_state_dict_post_hook(reindex_after_load)
 
     def set_choices(self, choices: Tensor) -> None:
-        """Set which expert each logit selects (-1: none) and the index of the selecting ones."""
+        """Set which expert each logit selects (-1: none), the index of the selecting ones and :attr:`in_order`."""
         self.choices = choices.to(self.choices.device)
         self.selectable_index = (self.choices >= 0).nonzero().flatten()
+        self.in_order = torch.equal(self.choices, torch.arange(len(self.choices), device=self.choices.device))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -234,7 +243,7 @@ class PerDatasetGate(nn.Module):
         # and the dataset's mean routing distribution waiting to be folded into the buffer.
         self.losses: dict[str, Tensor] = {}
         self.counts: Optional[Tensor] = None
-        self.routes, self.dropped = 0, None  # routes of the last forward, and how many of them capacity dropped
+        self.routes, self.capacity = 0, None  # routes of the last forward, and its capacity
         self.pending_usage: Optional[tuple[int, Tensor]] = None
         self._recorded_forward = -1
 
@@ -267,46 +276,49 @@ class PerDatasetGate(nn.Module):
             logits = clean + torch.randn_like(clean) * self.noise_std
         probs = logits.softmax(dim=1)  # Eq. 2, over every logit
         # Routes and capacity over the logits that select an expert (all of them but after pruning), their
-        # positions then mapped to experts.
+        # positions then mapped to experts (nothing to map while logit i selects expert i, for every expert).
         selectable = router.selectable()
-        targets = router.choices[selectable]
+        targets = None if router.in_order and logits.shape[1] == self.num_experts else router.choices[selectable]
         every = selectable.shape[0] == logits.shape[1]
         eq2 = probs if every else probs[:, selectable]
         training = self.training
         routing = route(eq2 if every else logits[:, selectable].softmax(dim=1), k,
                         self.capacity_factor if training else self.eval_capacity_factor, self.min_capacity,
                         self.drop_tokens if training else self.eval_drop_tokens,
-                        None if training and self.dispatch == "dropless" else self.ep_group)
+                        None if training and self.dispatch == "dropless" else self.ep_group,
+                        balance_loss=training and "gshard" in self.loss_coefs)
         top_gates = eq2.gather(1, routing.experts)  # (S, K): G(x) of Eq. 2 on each token's K experts
         gates = top_gates * routing.kept
         if self.renormalize:  # DeepSpeed's: the kept gates of each token sum to 1
             gates = gates / gates.sum(1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
-        indices = torch.where(routing.kept, targets[routing.experts], -1)
-        self.counts = torch.zeros(self.num_experts, dtype=routing.counts.dtype, device=x.device).index_add_(
-            0, targets, routing.counts)
-        self.routes = routing.experts.numel()
-        self.dropped = (routing.counts - routing.capacity).clamp(min=0).sum()
+        indices = torch.where(routing.kept, routing.experts if targets is None else targets[routing.experts], -1)
+        self.counts = routing.counts if targets is None else torch.zeros(
+            self.num_experts, dtype=routing.counts.dtype, device=x.device).index_add_(0, targets, routing.counts)
+        self.routes, self.capacity = routing.experts.numel(), routing.capacity
         if training:
             self._router_losses(name, k, top_gates, routing.experts, targets, selectable, clean, logits,
                                 routing.l_aux)
-        return Routes(routing.l_aux, routing.capacity, self.num_experts, indices.t().contiguous().int(),
-                      (routing.locations * routing.kept).t().contiguous().int(), gates.t().contiguous(), self.counts)
+        # (K, S) views of the token-major tensors: ``.t()`` gives them back contiguous, with no copy
+        return Routes(routing.l_aux, routing.capacity, self.num_experts, indices.t(),
+                      (routing.locations * routing.kept).t(), gates.t(), self.counts)
 
-    def _router_losses(self, name: str, k: int, top_gates: Tensor, top_idx: Tensor, targets: Tensor,
-                       selectable: Tensor, clean: Tensor, logits: Tensor, l_aux: Tensor) -> None:
+    def dropped(self) -> Optional[Tensor]:
+        """How many routes of the last forward capacity dropped (0-dim, on the device); None before any."""
+        return None if self.counts is None else (self.counts - self.capacity).clamp(min=0).sum()
+
+    def _router_losses(self, name: str, k: int, top_gates: Tensor, top_idx: Tensor, targets: Optional[Tensor],
+                       selectable: Tensor, clean: Tensor, logits: Tensor, l_aux: Optional[Tensor]) -> None:
         """The router losses of this forward from the routes: ``top_gates`` (S, K), Eq. 2's values at the
-        selectable logits ``top_idx``, whose experts are ``targets``."""
-        gate_sums = torch.zeros(len(targets), dtype=top_gates.dtype, device=top_gates.device).index_add(
+        selectable logits ``top_idx``, whose experts are ``targets`` (None: logit i is expert i)."""
+        gate_sums = torch.zeros(selectable.shape[0], dtype=top_gates.dtype, device=top_gates.device).index_add(
             0, top_idx.flatten(), top_gates.flatten())  # G(x) of Eq. 2 summed over the tokens, per logit
-        usage = torch.zeros(self.num_experts, dtype=top_gates.dtype, device=top_gates.device).index_add(
-            0, targets, gate_sums)
+        usage = gate_sums if targets is None else torch.zeros(
+            self.num_experts, dtype=top_gates.dtype, device=top_gates.device).index_add(0, targets, gate_sums)
         usage = usage / usage.sum().clamp(min=1e-9)  # P(E | D_i)
         row = self.dataset_index(name)
         losses = {}
-        if "mi" in self.loss_coefs:  # P(D, E) of this forward: the dataset's row, the others zero
-            rows = len(self.datasets)
-            joint = F.pad(usage[None] / rows, (0, 0, row, self.routing_joint.shape[0] - row - 1))
-            losses["mi"] = L.mi_surrogate_loss(joint, self.routing_joint)
+        if "mi" in self.loss_coefs:  # Eq. 5, linear in this forward's P(D, E): only the dataset's row is not zero
+            losses["mi"] = torch.dot(L.mi_weights(self.routing_joint.to(usage.dtype))[row], usage)
         if "gshard" in self.loss_coefs:
             losses["gshard"] = l_aux
         if "importance" in self.loss_coefs:
@@ -323,16 +335,10 @@ class PerDatasetGate(nn.Module):
     def weighted_loss(self) -> Tensor | float:
         return sum(self.loss_coefs[n] * v for n, v in self.losses.items())
 
-    @torch.no_grad()
     def fold_usage(self, usage: Tensor, row: int, applied: Optional[Tensor] = None) -> None:
         """Momentum-update row ``row`` of ``B(D, E)`` with ``P(E | D_row) / M`` (already averaged over ranks);
         where ``applied`` (a 0-dim bool tensor) is False the row stays, also if ``usage`` is not finite."""
-        m = self.mi_momentum
-        target = usage.to(self.routing_joint) / len(self.datasets)
-        updated = self.routing_joint[row] * m + target * (1 - m)
-        if applied is not None:
-            updated = torch.where(applied, updated, self.routing_joint[row])
-        self.routing_joint[row] = updated
+        fold_usages([self], [row], usage, applied)
 
     # ---- surgery: single-device, between runs (mthl_ds.artifacts.surgery applies it to a whole model)
     @torch.no_grad()
@@ -396,3 +402,24 @@ class PerDatasetGate(nn.Module):
         extra = torch.zeros(len(self.datasets), count, dtype=self.routing_joint.dtype, device=self.routing_joint.device)
         self.routing_joint = torch.cat([self.routing_joint, extra], dim=1)
         self.num_experts += count
+
+
+@torch.no_grad()
+def fold_usages(gates: Sequence[PerDatasetGate], rows: Sequence[int], usage: Tensor,
+                applied: Optional[Tensor] = None) -> None:
+    """:meth:`PerDatasetGate.fold_usage` of many gates at once: gate ``i``'s row ``rows[i]`` with its slice of
+    ``usage`` (the gates' ``P(E | D)`` one after another), in one pass over all rows for each group of gates with
+    the same momentum, dataset count and buffer dtype and device (one group in a model built from one recipe)."""
+    groups: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    for gate, row, part in zip(gates, rows, usage.split([gate.num_experts for gate in gates])):
+        joint = gate.routing_joint
+        groups.setdefault((gate.mi_momentum, len(gate.datasets), joint.dtype, joint.device), []).append(
+            (joint[row], part))
+    for (m, datasets, dtype, _), members in groups.items():
+        views = [view for view, _ in members]
+        current = torch.cat(views)
+        target = torch.cat([part for _, part in members]).to(dtype) / datasets
+        updated = current * m + target * (1 - m)
+        if applied is not None:
+            updated = torch.where(applied, updated, current)
+        torch._foreach_copy_(views, list(updated.split([len(view) for view in views])))

@@ -101,16 +101,17 @@ class MoEMlp(MoE):
         routes = self.gate(tokens, None, True, False)
         if self.dispatch == "dropless" and self.training:
             return self.with_adapter(self.forward_dropless(tokens, routes).view(x.shape))
-        indices, locations, gates, num_experts = routes.indices, routes.locations, routes.gates, routes.num_experts
+        num_experts = routes.num_experts
         capacity = int(routes.capacity)  # a Python int with dropped routes; else the one host sync of this layer
         slots = num_experts * capacity
-        slot = torch.where(indices >= 0, indices.long() * capacity + locations.long(), slots).flatten()
-        token_ids = torch.arange(tokens.shape[0], device=x.device).expand_as(indices).flatten()
+        indices = routes.indices.t()  # (S, K), contiguous: token-major
+        slot = torch.where(indices >= 0, indices * capacity + routes.locations.t(), slots).flatten()
+        token_ids = torch.arange(slot.shape[0], device=x.device).div_(indices.shape[1], rounding_mode="floor")
         source = torch.zeros(slots + 1, dtype=torch.long, device=x.device).scatter_(0, slot, token_ids)[:slots]
         # Each slot's gate (0 for an empty slot), by which its output is weighted when it is added back onto its
         # token: the same index as the dispatch. Half-precision outputs are combined in float32, as DeepSpeed does.
         slot_gates = torch.zeros(slots + 1, dtype=torch.float32, device=x.device).scatter(
-            0, slot, gates.float().flatten())[:slots]
+            0, slot, routes.gates.t().float().flatten())[:slots]
         if self.training and (self.capacity_experts or capacity_backend(x.device, moe.ep_size)) == "looped":
             out = looped_combine(self.local_mlps, tokens, source, slot_gates, [capacity] * num_experts, pad=False)
             return self.with_adapter(out.view(x.shape))
@@ -139,10 +140,10 @@ class MoEMlp(MoE):
         moe = self.deepspeed_moe
         counts = routes.counts  # this rank's routes per expert; none is dropped here
         # a route's row in expert order: its expert's first row plus its slot (its rank there, in token order)
-        row = (exclusive_cumsum(counts)[routes.indices.long()] + routes.locations).flatten()
+        row = (exclusive_cumsum(counts)[routes.indices.t()] + routes.locations.t()).flatten()
         order = torch.empty_like(row).scatter_(0, row, torch.arange(len(row), device=row.device))
-        source = order % tokens.shape[0]  # route k of token s is route k * S + s
-        gates = routes.gates.flatten()[order]
+        source = order.div(routes.indices.shape[0], rounding_mode="floor")  # route k of token s is route s * K + k
+        gates = routes.gates.t().flatten()[order]
         if moe.ep_size == 1:
             return run_and_combine(self.local_mlps, tokens, source, gates, counts)
         local = self.num_local_experts

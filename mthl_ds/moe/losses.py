@@ -27,6 +27,14 @@ def mi_surrogate_loss(joint: Tensor, buffer: Tensor, eps: float = 1e-9) -> Tenso
     return -first + second
 
 
+def mi_weights(buffer: Tensor, eps: float = 1e-9) -> Tensor:
+    """Eq. 5 as weights: for a joint whose only non-zero row is ``i``, ``P(D_i, E) = P(E | D_i) / M``,
+    ``mi_surrogate_loss(joint, buffer) == (W[i] * P(E | D_i)).sum()`` with
+    ``W = (log(sum_i' B_i'j) - log B_ij) / M`` (the 1s of Eq. 5 cancel). (M, E), from the buffer alone."""
+    buffer = buffer.detach()
+    return (torch.log(buffer.sum(0) + eps) - torch.log(buffer + eps)) / buffer.shape[0]
+
+
 def exact_negative_mi(joint: Tensor, eps: float = 1e-12) -> Tensor:
     """Eq. 3, ``-MI(D; E)``, with ``P(D)`` the joint's row sums held constant as the paper assumes."""
     p_data = joint.sum(1).detach()
