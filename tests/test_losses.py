@@ -97,9 +97,9 @@ def test_buffer_momentum_update():
 
 
 def test_buffers_of_many_gates_fold_in_one_pass_as_each_would_alone():
-    """``fold_usages`` over gates of different widths (a pruned layer) and momenta equals each gate's own update,
-    bitwise; a skipped step (``applied`` False) leaves every buffer, also where the usage is not finite; and its
-    op count does not grow with the number of gates."""
+    """``fold_usages`` over gates of different widths (a pruned layer) and momenta moves each gate's row as Eq. 4's
+    momentum update of that gate alone would, bitwise, and no other row; a skipped step (``applied`` False) leaves
+    every buffer, also where the usage is not finite; and its op count does not grow with the number of gates."""
     from mthl_ds.moe.gate import fold_usages
     from mthl_ds.studies.bench.launches import LaunchCount
 
@@ -110,17 +110,16 @@ def test_buffers_of_many_gates_fold_in_one_pass_as_each_would_alone():
             gate.routing_joint.copy_(random_joint(3, gate.num_experts, i).float())
         return made
 
-    ours, alone = gates(6), gates(6)
+    ours = gates(6)
     rows = [i % 3 for i in range(6)]
     usage = torch.rand(sum(g.num_experts for g in ours), generator=torch.Generator().manual_seed(9))
-    before = [g.routing_joint.clone() for g in ours]
+    expected = [g.routing_joint.clone() for g in ours]
+    for gate, row, part, joint in zip(ours, rows, usage.split([g.num_experts for g in ours]), expected):
+        joint[row] = joint[row] * gate.mi_momentum + part / 3 * (1 - gate.mi_momentum)
     fold_usages(ours, rows, usage, torch.tensor(True))
-    for gate, row, part in zip(alone, rows, usage.split([g.num_experts for g in alone])):
-        gate.fold_usage(part, row, torch.tensor(True))
-    for gate, other, old in zip(ours, alone, before):
-        assert torch.equal(gate.routing_joint, other.routing_joint) and not torch.equal(gate.routing_joint, old)
+    assert all(torch.equal(g.routing_joint, joint) for g, joint in zip(ours, expected))
     fold_usages(ours, rows, torch.full_like(usage, float("nan")), torch.tensor(False))
-    assert all(torch.equal(g.routing_joint, o.routing_joint) for g, o in zip(ours, alone))
+    assert all(torch.equal(g.routing_joint, joint) for g, joint in zip(ours, expected))
 
     def ops(count):
         counter, made = LaunchCount(), gates(count)
