@@ -4,7 +4,7 @@ import math
 import torch
 
 from mthl_ds.moe import losses as L
-from mthl_ds.moe.gate import PerDatasetGate, RoutingContext
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext, fold_usages
 
 
 def eq5_by_hand(joint, buffer):
@@ -91,7 +91,7 @@ def test_buffer_momentum_update():
     gate = PerDatasetGate(4, 4, ["a", "b"], {"a": 1, "b": 1}, mi_momentum=0.9, context=ctx)
     before = gate.routing_joint.clone()
     usage = torch.tensor([0.7, 0.1, 0.1, 0.1])
-    gate.fold_usage(usage, 0)
+    fold_usages([gate], [0], usage)
     torch.testing.assert_close(gate.routing_joint[0], 0.9 * before[0] + 0.1 * usage / 2)
     torch.testing.assert_close(gate.routing_joint[1], before[1])
 
@@ -100,7 +100,6 @@ def test_buffers_of_many_gates_fold_in_one_pass_as_each_would_alone():
     """``fold_usages`` over gates of different widths (a pruned layer) and momenta moves each gate's row as Eq. 4's
     momentum update of that gate alone would, bitwise, and no other row; a skipped step (``applied`` False) leaves
     every buffer, also where the usage is not finite; and its op count does not grow with the number of gates."""
-    from mthl_ds.moe.gate import fold_usages
     from mthl_ds.studies.bench.launches import LaunchCount
 
     def gates(count):

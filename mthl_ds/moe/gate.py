@@ -302,9 +302,9 @@ class PerDatasetGate(nn.Module):
         return Routes(routing.l_aux, routing.capacity, self.num_experts, indices.t(),
                       (routing.locations * routing.kept).t(), gates.t(), self.counts)
 
-    def dropped(self) -> Optional[Tensor]:
-        """How many routes of the last forward capacity dropped (0-dim, on the device); None before any."""
-        return None if self.counts is None else (self.counts - self.capacity).clamp(min=0).sum()
+    def dropped(self) -> Tensor:
+        """How many routes of the last forward capacity dropped (0-dim, on the device)."""
+        return (self.counts - self.capacity).clamp(min=0).sum()
 
     def _router_losses(self, name: str, k: int, top_gates: Tensor, top_idx: Tensor, targets: Optional[Tensor],
                        selectable: Tensor, clean: Tensor, logits: Tensor, l_aux: Optional[Tensor]) -> None:
@@ -334,11 +334,6 @@ class PerDatasetGate(nn.Module):
 
     def weighted_loss(self) -> Tensor | float:
         return sum(self.loss_coefs[n] * v for n, v in self.losses.items())
-
-    def fold_usage(self, usage: Tensor, row: int, applied: Optional[Tensor] = None) -> None:
-        """Momentum-update row ``row`` of ``B(D, E)`` with ``P(E | D_row) / M`` (already averaged over ranks);
-        where ``applied`` (a 0-dim bool tensor) is False the row stays, also if ``usage`` is not finite."""
-        fold_usages([self], [row], usage, applied)
 
     # ---- surgery: single-device, between runs (mthl_ds.artifacts.surgery applies it to a whole model)
     @torch.no_grad()
@@ -407,9 +402,11 @@ class PerDatasetGate(nn.Module):
 @torch.no_grad()
 def fold_usages(gates: Sequence[PerDatasetGate], rows: Sequence[int], usage: Tensor,
                 applied: Optional[Tensor] = None) -> None:
-    """:meth:`PerDatasetGate.fold_usage` of many gates at once: gate ``i``'s row ``rows[i]`` with its slice of
-    ``usage`` (the gates' ``P(E | D)`` one after another), in one pass over all rows for each group of gates with
-    the same momentum, dataset count and buffer dtype and device (one group in a model built from one recipe)."""
+    """Momentum-update row ``rows[i]`` of gate ``i``'s ``B(D, E)`` with ``P(E | D_row) / M``, its slice of ``usage``
+    (the gates' ``P(E | D)`` one after another, already averaged over ranks); where ``applied`` (a 0-dim bool
+    tensor) is False every row stays, also if ``usage`` is not finite. One pass over all rows for each group of
+    gates with the same momentum, dataset count and buffer dtype and device (one group in a model built from one
+    recipe)."""
     groups: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for gate, row, part in zip(gates, rows, usage.split([gate.num_experts for gate in gates])):
         joint = gate.routing_joint
