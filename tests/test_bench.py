@@ -152,6 +152,44 @@ def test_step_bench_times_both_dispatch_modes_against_the_dense_twin_per_dataset
     assert all(r["dropped"] == "0.0%" for r in rows if r["candidate"] == "MTHL dropless")
 
 
+def test_a_released_bench_trainer_frees_its_engine(tmp_path):
+    """DeepSpeed's gradient hooks keep an engine alive from the autograd graph, out of the cycle collector's sight;
+    ``release`` frees it after a step, so benchmarks that build trainer after trainer hold one at a time."""
+    import gc
+    import weakref
+
+    from mthl_ds.runtime.engine import init_distributed
+    from mthl_ds.studies.bench.gpu import bench_recipe, bench_trainer, release, trainer_step
+    init_distributed()
+    trainer = bench_trainer(bench_recipe("demo", "bf16", tmp_path, {"imagenet": 2, "coco": 1, "ade20k": 2}), tmp_path)
+    trainer_step(trainer, "imagenet", 1)()
+    engine, model = weakref.ref(trainer.engine), weakref.ref(trainer.model)
+    release(trainer)
+    del trainer
+    gc.collect()
+    assert engine() is None and model() is None
+
+
+def test_launch_count_counts_a_kernel_per_op_and_the_bytes_its_tensors_hold():
+    """Views launch nothing and touch nothing; an op reads its tensor arguments, writes back the ones it mutates
+    and writes its fresh results; a multi-tensor op counts once."""
+    import torch
+    from mthl_ds.studies.bench.launches import LaunchCount
+    a, b, n = torch.ones(1000), torch.ones(1000), 4000  # bytes of one float32 vector
+    counter = LaunchCount()
+    with counter:
+        c = a + b  # reads a, b; writes c
+        a.add_(b)  # reads a, b; writes a
+        a.view(10, 100).t()
+        torch._foreach_mul_([a, b], 2.0)  # reads and writes both
+        counter.mark("step")
+        a.half().sum()  # reads a, writes 1000 halves; reads them, writes one float16
+    assert counter.counts == {"forward": 3, "backward": 0, "step": 2, "after step": 0}
+    assert counter.bytes == {"forward": 3 * n + 3 * n + 4 * n, "backward": 0, "step": n + n // 2 + n // 2 + 2,
+                             "after step": 0}
+    assert torch.equal(c, torch.full((1000,), 2.0))
+
+
 def test_launch_bench_counts_each_phase_of_a_trainer_step_against_the_bare_loop(tmp_path):
     """``mthl-ds bench launches`` on mthl_swin_t (batch 1): the bare timm loop first, then MTHL.D, MTHL capacity
     (its experts looped, and batched, as a GPU runs them) and MTHL dropless through the trainer, each phase
@@ -175,7 +213,9 @@ def test_launch_bench_counts_each_phase_of_a_trainer_step_against_the_bare_loop(
     for r in rows:
         assert r["total"] == sum(r[p] for p in PHASES) and r["forward"] > 0 and r["backward"] > 0, r
         assert r["ratio"] == round(r["total"] / rows[0]["total"], 2)
+        assert r["GB touched"] > 0 and abs(r["GB ratio"] - r["GB touched"] / rows[0]["GB touched"]) < 0.02, r
         if r["dispatch"]:
             assert 0 < r["step"] < tensors["dense" if r["dispatch"] == "dense" else "moe"], (r, tensors)
     moe = [r for r in rows if r["dispatch"].startswith("capacity")]
+    assert all(r["GB touched"] > rows[1]["GB touched"] for r in rows[2:])  # three times MTHL.D's MLP weights
     assert moe[1]["total"] < moe[0]["total"]  # batched experts: two bmm per linear layer, not one matmul per expert

@@ -15,6 +15,7 @@ data pipeline is not timed (``mthl-ds bench data --real-size`` times it).
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import tempfile
@@ -95,6 +96,15 @@ def bench_trainer(recipe: Recipe, folder: Path):
     return trainer
 
 
+def release(*trainers) -> None:
+    """Free what each trainer's engine holds (weights, optimizer states, gradient buffers) now. DeepSpeed's
+    gradient hooks sit on the autograd graph's accumulators, in C++, and refer back to the engine: a cycle Python's
+    collector cannot see, so a benchmark that builds one trainer after another would keep every one of them."""
+    for trainer in trainers:
+        trainer.engine.destroy()
+    gc.collect()
+
+
 def trainer_step(trainer, name: str, steps: int = 2):
     """``steps`` of the trainer on dataset ``name`` (its figures dropped, as if never logged)."""
     def run():
@@ -164,7 +174,7 @@ def trainer_rows(setup: Setup, precision: str, peak: float) -> list[dict]:
                             f"plan: activations {planned / 2 ** 30:.2f} GiB", above / planned,
                             work="max_memory_allocated - memory_allocated before the step", precision=precision,
                             dataset=name))
-    trainers.clear()
+    release(*trainers.values())
     return rows
 
 
@@ -273,6 +283,7 @@ def overhead_rows(setup: Setup, precision: str) -> list[dict]:
                         f"bare timm loop: {size * 2 / r['baseline_s']:.0f} img/s", r["ratio_median"],
                         (r["ratio_min"], r["ratio_max"]), "<= 1.05", r["ratio_median"] <= 1.05,
                         f"DeepSpeed ZeRO {stage} ({precision} weights, fp32 master) vs autocast", precision=precision))
+    release(*trainers.values())
     return rows
 
 
@@ -285,7 +296,8 @@ def profile_rows(setup: Setup, precision: str) -> list[dict]:
     recipe = bench_recipe(setup.recipe, precision, setup.folder, setup.batches)
     rows = []
     for model, r in (("MTHL", recipe), ("MTHL.D", dense_twin(recipe))):
-        run = trainer_step(bench_trainer(r, setup.folder), "imagenet", 2)
+        trainer = bench_trainer(r, setup.folder)
+        run = trainer_step(trainer, "imagenet", 2)
         run()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
         if setup.device.type == "cuda":
@@ -305,6 +317,7 @@ def profile_rows(setup: Setup, precision: str) -> list[dict]:
                         "", busy / wall, work="most GPU time: " + ", ".join(
                             f"{e.key} {100 * device_s(e) / max(busy, 1e-9):.0f}%" for e in top),
                         precision=precision, model=model))
+        release(trainer)
     return rows
 
 

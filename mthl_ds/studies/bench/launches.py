@@ -10,6 +10,10 @@ dispatch and MTHL with dropless dispatch, each against the bare timm Swin-T loop
 whole tensors, one multi-tensor chunk as on a GPU). The MoE layers run their experts as this device runs them
 (named in the row); on the CPU MTHL capacity is counted a second time with its experts batched, the form it
 takes on a GPU.
+
+Each row also gives the bytes the step's ops touch (:func:`touched_bytes`): with ``--batches imagenet=64`` the
+memory traffic of a step at the paper's batch, which over a GPU's bandwidth gives about the time its kernels would
+take if they were all memory-bound, to set against the step time (README, "On a GPU").
 """
 from __future__ import annotations
 
@@ -17,28 +21,35 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from mthl_ds.studies.bench.gpu import PAPER_BATCHES, PRECISIONS, bare_loop, bench_recipe, bench_trainer, trainer_step
+from mthl_ds.studies.bench.gpu import (PAPER_BATCHES, PRECISIONS, bare_loop, bench_recipe, bench_trainer, release,
+                                       trainer_step)
 
 PHASES = ("forward", "backward", "step", "after step")
-COLUMNS = ["candidate", "precision", "dispatch", *PHASES, "total", "ratio"]
+COLUMNS = ["candidate", "precision", "dispatch", *PHASES, "total", "ratio", "GB touched", "GB ratio"]
 CPU_BATCHES = {"imagenet": 2, "coco": 1, "ade20k": 2}
 
 
 class LaunchCount(TorchDispatchMode):
-    """Counts the aten ops dispatched under it, per :attr:`phase`, leaving out ops that return an alias of an
-    input (views, ``detach``): no kernel runs for them."""
+    """Counts the aten ops dispatched under it and the bytes they touch (:func:`touched_bytes`), per :attr:`phase`,
+    leaving out ops that return an alias of an input (views, ``detach``): no kernel runs for them."""
 
     def __init__(self):
         super().__init__()
         self.phase = PHASES[0]
         self.counts = {p: 0 for p in PHASES}
+        self.bytes = {p: 0 for p in PHASES}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if not func.is_view:
             self.counts[self.phase] += 1
-        return func(*args, **(kwargs or {}))
+            self.bytes[self.phase] += touched_bytes(func, args, kwargs, out)
+        return out
 
     def mark(self, phase: str) -> None:
         self.phase = phase
@@ -56,14 +67,32 @@ class LaunchCount(TorchDispatchMode):
             setattr(engine, name, wrapped)
 
 
-def counted(step: Callable[[], None], counter: LaunchCount) -> dict[str, int]:
-    """Ops per phase of ``step()`` after two uncounted ones (first-step allocations and caches left out)."""
+def tensor_bytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, Tensor))
+
+
+def touched_bytes(func, args: tuple, kwargs: dict, out) -> int:
+    """The bytes an aten op reads and writes, as its tensors hold them: every tensor argument read, every
+    argument it mutates written back, every result that is not one of its arguments written. For a kernel that
+    reads only part of an input (``index_select``) or overwrites without reading (``copy_``, ``out=``) that is
+    more than it moves; matmul operands count once, as a kernel that tiles them reads them from cache."""
+    schema = func._schema
+    given = {**dict(zip((a.name for a in schema.arguments), args)), **kwargs}
+    written = [given.get(a.name) for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    results = out if len(schema.returns) > 1 else (out,) if schema.returns else ()
+    fresh = [r for r, spec in zip(results, schema.returns) if spec.alias_info is None]
+    return tensor_bytes((args, kwargs)) + tensor_bytes(written) + tensor_bytes(fresh)
+
+
+def counted(step: Callable[[], None], counter: LaunchCount) -> LaunchCount:
+    """``counter`` with the ops and bytes per phase of ``step()``, after two uncounted steps (first-step
+    allocations and caches left out)."""
     step()
     step()
     counter.mark(PHASES[0])
     with counter:
         step()
-    return counter.counts
+    return counter
 
 
 def run(recipe: str = "mthl_swin_t", precisions: tuple[str, ...] = ("bf16",),
@@ -107,13 +136,15 @@ def precision_rows(recipe: str, precision: str, batches: dict[str, int], device,
             layer.capacity_experts = experts
         counter = LaunchCount()
         counter.mark_engine(trainer.engine)
-        counts = counted(trainer_step(trainer, "imagenet", 1), counter)
+        counted(trainer_step(trainer, "imagenet", 1), counter)
         dispatch = f"capacity (experts: {experts})" if experts else trainer.moe_dispatch()
-        rows.append(launch_row(f"{label} through the trainer", precision, dispatch, counts, base))
+        rows.append(launch_row(f"{label} through the trainer", precision, dispatch, counter, base))
+        release(trainer)
     return rows
 
 
-def launch_row(candidate: str, precision: str, dispatch: str, counts: dict[str, int], base: dict[str, int]) -> dict:
-    total = sum(counts.values())
-    return {"candidate": candidate, "precision": precision, "dispatch": dispatch, **counts, "total": total,
-            "ratio": round(total / sum(base.values()), 2)}
+def launch_row(candidate: str, precision: str, dispatch: str, counter: LaunchCount, base: LaunchCount) -> dict:
+    total, touched = sum(counter.counts.values()), sum(counter.bytes.values())
+    return {"candidate": candidate, "precision": precision, "dispatch": dispatch, **counter.counts, "total": total,
+            "ratio": round(total / sum(base.counts.values()), 2), "GB touched": round(touched / 1e9, 2),
+            "GB ratio": round(touched / sum(base.bytes.values()), 2)}
