@@ -178,6 +178,7 @@ class Trainer:
         self.window_start = time.perf_counter()
         self.stopped_early = False
         self.damaged: list[dict] = []  # checkpoints a resume passed over, with what is wrong with each
+        self.closed = False
 
     # ---- set-up
     def setup(self) -> None:
@@ -484,6 +485,7 @@ class Trainer:
                                 os.uname().nodename, self.step)
                     self.stopped_early = True
                     self.record_exit()
+                    self.close()
                     return None
         self.flush()
         self.bar.close()
@@ -494,7 +496,18 @@ class Trainer:
         if self.rank == 0:
             self.finish(results)
         self.record_exit()
+        self.close()
         return results
+
+    def close(self) -> None:
+        """Let the engine go with the trainer (``run`` ends with this). DeepSpeed's ZeRO 1/2 gradient hooks sit on
+        the autograd graph's accumulators, in C++, and refer back to the engine: a cycle the collector cannot see,
+        so a process that trains one model after another (a notebook, benchmarks) would otherwise keep every
+        engine's weights, optimizer states and gradient buffers, on the GPU, until it exits. The model and the
+        engine still run forward afterwards; the engine trains no more."""
+        if not self.closed and hasattr(self, "engine"):
+            self.engine.destroy()
+            self.closed = True
 
     def log_eval(self, results: dict) -> None:
         if self.rank == 0:

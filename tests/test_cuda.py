@@ -27,18 +27,29 @@ def fp16_config(folder) -> str:
     return str(path)
 
 
-def trainer(shards, run_dir, *overrides, **train):
-    """The demo recipe's trainer on the test shards, one rank, every dataset in turn; ``train`` sets train.*
-    values, ``overrides`` any other."""
+@pytest.fixture
+def built():
+    """The trainers a test builds, each closed after the test (``Trainer.close``; ``run`` closes its own): an
+    engine's ZeRO gradient hooks would keep it, and the GPU memory it holds, alive into the tests that follow."""
+    from mthl_ds.studies.bench.gpu import release
+    trainers = []
+    yield trainers
+    release(*trainers)
+
+
+def trainer(built, shards, run_dir, *overrides, **train):
+    """The demo recipe's trainer on the test shards, one rank, every dataset in turn (added to ``built``);
+    ``train`` sets train.* values, ``overrides`` any other."""
     from mthl_ds.train import Trainer
     overrides = demo_overrides(shards, **{"ep_size": 1, **train}) + [CYCLE, *overrides]
-    return Trainer(load_recipe("demo", overrides), run_dir)
+    built.append(Trainer(load_recipe("demo", overrides), run_dir))
+    return built[-1]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_one_training_step_of_every_head(shards, tmp_path, precision):
+def test_one_training_step_of_every_head(built, shards, tmp_path, precision):
     config = fp16_config(tmp_path) if precision == "fp16" else "zero2_bf16.json"
-    t = trainer(shards, tmp_path / "run", steps=3, ds_config=config)
+    t = trainer(built, shards, tmp_path / "run", steps=3, ds_config=config)
     results = t.run()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     assert [h["dataset"] for h in t.history] == ["imagenet", "coco", "ade20k"]
@@ -55,7 +66,7 @@ def checkpoint_tensors(ckpt):
     return tensors
 
 
-def test_zero2_run_resumes_bitwise(shards, tmp_path):
+def test_zero2_run_resumes_bitwise(built, shards, tmp_path):
     """bf16 ZeRO 2 with ``train.deterministic``, training ImageNet and COCO steps: UperNet's bilinear upsampling and
     adaptive average pooling have no deterministic backward on CUDA (torch says so with a warning)."""
     train = dict(steps=6, ckpt_every=3, keep_checkpoints=3, ds_config="zero2_bf16.json", deterministic=True)
@@ -63,12 +74,14 @@ def test_zero2_run_resumes_bitwise(shards, tmp_path):
     from mthl_ds.train import Trainer
     overrides = demo_overrides(shards, **{"ep_size": 1, **train}) + cycle
     straight = Trainer(load_recipe("demo", overrides), tmp_path / "straight")
+    built.append(straight)
     straight.run()
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "straight", resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "step00000006")
     (resumed_dir / "checkpoints" / "latest_complete").write_text("step00000003\n")
     resumed = Trainer(load_recipe("demo", overrides), resumed_dir)
+    built.append(resumed)
     resumed.run()
     assert [h["step"] for h in resumed.history] == list(range(6))  # steps 0-2 read back, 3-5 run again
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
@@ -94,7 +107,7 @@ def sync_sites(run) -> list[str]:
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_path, capsys, dispatch):
+def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(built, shards, tmp_path, capsys, dispatch):
     """The trainer's step (bf16 ZeRO 2, ``check_grad_overflow`` off: LAMB skips a non-finite step on the device),
     after two warm-up steps per dataset (first-call allocations, the anchor cache, the optimizer's step count):
     no sync comes from mthl_ds. DeepSpeed's own (its engine and ZeRO code) are printed for the GPU report.
@@ -103,7 +116,7 @@ def test_steady_state_trainer_step_makes_no_host_sync_in_our_code(shards, tmp_pa
     if dispatch == "dropless" and not grouped_mm_works(torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"torch._grouped_mm does not run in bf16 on {torch.cuda.get_device_name()} with torch "
                     f"{torch.__version__}: dropless experts are looped here, reading each layer's counts")
-    t = trainer(shards, tmp_path / "run", f"model.moe.dispatch={dispatch}", steps=100, log_every=1000,
+    t = trainer(built, shards, tmp_path / "run", f"model.moe.dispatch={dispatch}", steps=100, log_every=1000,
                 ds_config="zero2_bf16.json")
     t.setup()
     for step in range(6):
@@ -183,7 +196,7 @@ def test_memory_plan_matches_the_allocator_peak(capsys):
     plan = memory_plan(recipe, measure_activations(recipe, progress=lambda _: None), shared, experts, gpus=1,
                        ep_sizes=[1])["plans"][0]
     init_distributed()
-    gc.collect()  # what earlier tests left (engines hold reference cycles) is not this engine's
+    gc.collect()  # what earlier tests left is not this engine's
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -191,16 +204,19 @@ def test_memory_plan_matches_the_allocator_peak(capsys):
     model = engine.module
     states = torch.cuda.memory_allocated() - base
     measured = {}
-    for name in batches:
-        batch = to_device(fake_batch(recipe, name), torch.device("cuda"), model.dtype)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        model.set_dataset(name)
-        loss = model.heads[name].loss(engine(batch["image"]), batch)[0] + model.backbone.router_loss()
-        engine.backward(loss)
-        engine.step()
-        torch.cuda.synchronize()
-        measured[name] = torch.cuda.max_memory_allocated() - base
+    try:
+        for name in batches:
+            batch = to_device(fake_batch(recipe, name), torch.device("cuda"), model.dtype)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            model.set_dataset(name)
+            loss = model.heads[name].loss(engine(batch["image"]), batch)[0] + model.backbone.router_loss()
+            engine.backward(loss)
+            engine.step()
+            torch.cuda.synchronize()
+            measured[name] = torch.cuda.max_memory_allocated() - base
+    finally:
+        engine.destroy()  # its gradient hooks would keep it, and its GPU memory, alive past this test
     ratios = {n: measured[n] / plan["totals"][n] for n in batches}
     with capsys.disabled():
         gib = lambda b: round(b / 2 ** 30, 2)  # noqa: E731

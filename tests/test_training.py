@@ -62,6 +62,29 @@ def test_zero_stages_give_the_same_losses(shards, tmp_path):
         assert losses[cfg] == pytest.approx(base, rel=2e-3), cfg
 
 
+def test_a_finished_trainer_lets_its_engine_go(shards, tmp_path):
+    """ZeRO 2's gradient hooks tie the engine to the autograd graph, out of the cycle collector's sight: ``run``
+    closes the trainer, so a process that trains one model after another does not keep every engine (and its GPU
+    memory). The engine still runs forward after the run."""
+    import gc
+    import weakref
+
+    from mthl_ds.config import load_recipe
+    from mthl_ds.tasks import fake_batch
+    from mthl_ds.train import Trainer
+    recipe = load_recipe("demo", demo_overrides(shards, ep_size=1, steps=1, ds_config="zero2_fp32.json"))
+    trainer = Trainer(recipe, tmp_path / "run")
+    trainer.run()
+    trainer.model.set_dataset("imagenet")
+    with torch.no_grad():
+        logits = trainer.engine(fake_batch(recipe, "imagenet")["image"])
+    assert logits.shape[0] == recipe.datasets["imagenet"].batch_size and torch.isfinite(logits).all()
+    engine, model = weakref.ref(trainer.engine), weakref.ref(trainer.model)
+    del trainer
+    gc.collect()
+    assert engine() is None and model() is None
+
+
 def test_nonfinite_loss_on_one_rank_is_seen_by_all(shards, tmp_path):
     run_ranks("trainer_ranks.py", 2, ["nonfinite", str(shards), str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -97,11 +97,10 @@ def bench_trainer(recipe: Recipe, folder: Path):
 
 
 def release(*trainers) -> None:
-    """Free what each trainer's engine holds (weights, optimizer states, gradient buffers) now. DeepSpeed's
-    gradient hooks sit on the autograd graph's accumulators, in C++, and refer back to the engine: a cycle Python's
-    collector cannot see, so a benchmark that builds one trainer after another would keep every one of them."""
+    """Free what each trainer's engine holds (weights, optimizer states, gradient buffers) now
+    (``Trainer.close``), so that benchmarks that build one trainer after another hold one at a time."""
     for trainer in trainers:
-        trainer.engine.destroy()
+        trainer.close()
     gc.collect()
 
 
