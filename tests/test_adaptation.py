@@ -129,9 +129,9 @@ def test_frozen_parameters_are_not_given_to_the_optimizer(shards, source, tmp_pa
     named = dict(trainer.model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert in_optimizer == {id(named[n]) for n in trainable}
-    experts = {n.split(".deepspeed_experts.")[0] for n in trainable if ".deepspeed_experts." in n}
-    assert len(experts) == 5  # one expert of each MoE layer, with the routers and the head
-    assert len([n for n in trainable if ".deepspeed_experts." in n]) == 5 * 4  # fc1/fc2 weight and bias
+    for layer in trainer.model.backbone.moe_layers:  # one expert of each MoE layer, in a bank of its own
+        assert layer.mlps.trainable().count(True) == 1
+        assert len([p for _, p in layer.expert_parameters() if p.requires_grad]) == 4  # fc1/fc2 weight and bias
 
 
 def moe_layer(num_experts=8, k=2, dim=16):
@@ -149,12 +149,12 @@ def test_pruning_keeps_exactly_the_kept_experts_and_leaves_other_tokens_unchange
     x = torch.randn(64, 16)
     before = layer(x)
     routed = layer.gate(x)[3].long().t()  # (tokens, K) experts each token went to
-    weights = [m.fc1.weight.clone() for m in layer.local_mlps]
+    weights = layer.mlps.stacks()[0].clone()  # fc1's weights
     pruned = {1, 6}
     kept = [e for e in range(8) if e not in pruned]
     layer.keep_experts(kept)
-    assert layer.num_experts == len(layer.local_mlps) == 6 and layer.gate.routing_joint.shape == (2, 6)
-    assert all(torch.equal(m.fc1.weight, weights[e]) for m, e in zip(layer.local_mlps, kept))
+    assert layer.num_experts == layer.mlps.num_local_experts == 6 and layer.gate.routing_joint.shape == (2, 6)
+    assert torch.equal(layer.mlps.stacks()[0], weights[kept])
     assert layer.gate.routers["a"].choices.tolist() == [0, -1, 1, 2, 3, 4, -1, 5]
     after = layer(x)
     untouched = ~torch.isin(routed, torch.tensor(sorted(pruned))).any(1)

@@ -63,11 +63,10 @@ def test_same_model_for_any_ep_size():
     halves = [build_backbone("swin_debug", ["a"], MoEConfig(num_experts=4, top_k=2), img_size=64, seed=5,
                              ep_size=2, ep_rank=r) for r in (0, 1)]
     for layer_full, layer0, layer1 in zip(full.moe_layers, halves[0].moe_layers, halves[1].moe_layers):
-        for g, mlp in enumerate(layer_full.local_mlps):
-            local = (layer0, layer1)[g // 2].local_mlps[g % 2]
-            assert torch.equal(mlp.fc1.weight, local.fc1.weight)
-    experts = full.moe_layers[0].local_mlps
-    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight), "experts must not share an init"
+        for whole, halves_ in zip(layer_full.mlps.stacks(), zip(layer0.mlps.stacks(), layer1.mlps.stacks())):
+            assert torch.equal(whole, torch.cat(halves_))
+    fc1 = full.moe_layers[0].mlps.stacks()[0]
+    assert not torch.equal(fc1[0], fc1[1]), "experts must not share an init"
 
 
 @pytest.mark.parametrize("mode,top_k,num_experts", [("copy", 2, 6), ("split", 4, 4)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, WORKERS, run_ranks
-from workers.moe_ranks import EP_OVERRIDES, global_batch
+from workers.moe_ranks import EP_OVERRIDES, global_batch, per_expert
 
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
@@ -33,7 +33,7 @@ def test_expert_parallel_equals_one_process(ranks):
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((ranks[0]["ep"]["loss"] + ranks[1]["ep"]["loss"]) / \
                                2, loss.detach(), rtol=1e-5, atol=1e-6)
-    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    expected = per_expert((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
     got = {**ranks[1]["ep"]["grads"], **ranks[0]["ep"]["grads"]}
     assert set(expected) <= set(got)
     assert all(not got[n].any() for n in set(got) - set(expected)), "unused parameters must get zero gradient"

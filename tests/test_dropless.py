@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from conftest import run_ranks
 from timm.layers import Mlp
-from workers.moe_ranks import EP_OVERRIDES, global_batch
+from workers.moe_ranks import EP_OVERRIDES, global_batch, per_expert
 
 from mthl_ds.build import build_model
 from mthl_ds.config import load_recipe
 from mthl_ds.models.counting import count_flops
+from mthl_ds.moe.experts import KEYS, StackedMlps
 from mthl_ds.moe.grouped import (LoopedExperts, backend, capacity_backend, combine, grouped_mm_works, padded_count,
                                  run_and_combine, run_groups)
 
@@ -21,7 +22,7 @@ def step(model, images, labels):
     model.set_dataset("imagenet")
     logits = model(images)
     F.cross_entropy(logits, labels).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), per_expert((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
 
 
 def test_dropless_equals_the_capacity_path_that_drops_nothing_in_one_process():
@@ -35,7 +36,7 @@ def test_dropless_equals_the_capacity_path_that_drops_nothing_in_one_process():
     want, want_grads = step(capacity, images, labels)
     got, got_grads = step(dropless, images, labels)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert set(got_grads) == set(want_grads) and any(".deepspeed_experts." in n for n in got_grads)
+    assert set(got_grads) == set(want_grads) and any(".deepspeed_experts." in n for n in got_grads)  # per expert
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
@@ -56,25 +57,41 @@ def test_the_capacity_path_drops_routes_that_dropless_keeps():
     assert not torch.allclose(step(capacity, images, labels)[0], kept, atol=1e-4)
 
 
-def mlps(count=3, dim=16, hidden=32):
+def mlps(count=3, dim=16, hidden=32, act_layer=torch.nn.GELU, dtype=torch.float32, device="cpu"):
+    """``count`` experts ``dim -> hidden -> dim``, initialised as timm's ``Mlp`` is, stacked."""
     torch.manual_seed(0)
-    return [Mlp(dim, hidden) for _ in range(count)]
+    timm_mlps = [Mlp(dim, hidden, act_layer=act_layer) for _ in range(count)]
+    experts = StackedMlps(dim, hidden, count, act_layer, "test")
+    experts.set_experts([torch.stack([m.get_parameter(key) for m in timm_mlps]) for key in KEYS])
+    return experts.to(device, dtype)
+
+
+def expert_mlp(experts, e, x):
+    """Expert ``e`` of ``experts`` on the rows ``x``, by hand."""
+    w1, b1, w2, b2 = experts.expert(e)
+    return F.linear(experts.act(F.linear(x, w1, b1)), w2, b2)
+
+
+def grads(experts) -> list[torch.Tensor]:
+    """The gradients of the four stacked tensors (one bank)."""
+    return [p.grad for p in experts.banks[0].tensors()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 on the CPU: rows padded
 @pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 12], [4, 4, 4]])
 def test_looped_experts_run_each_expert_on_its_rows_and_give_empty_ones_zero_gradients(counts, dtype):
-    experts = [m.to(dtype) for m in mlps()]
+    experts = mlps(dtype=dtype)
     x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
     out = run_groups(experts, x, torch.tensor(counts), "looped")
     assert out.shape == x.shape
     starts = [sum(counts[:e]) for e in range(3)]
-    for e, (start, count) in enumerate(zip(starts, counts)):
-        torch.testing.assert_close(out[start:start + count], experts[e](x[start:start + count]))
+    with torch.no_grad():
+        for e, (start, count) in enumerate(zip(starts, counts)):
+            torch.testing.assert_close(out[start:start + count], expert_mlp(experts, e, x[start:start + count]))
     out.sum().backward()
+    fc1_weight = grads(experts)[0]
     for e, count in enumerate(counts):
-        assert experts[e].fc1.weight.grad is not None
-        assert bool(experts[e].fc1.weight.grad.any()) == (count > 0)
+        assert bool(fc1_weight[e].any()) == (count > 0)
 
 
 def test_capacity_experts_loop_on_one_cpu_rank_only():
@@ -102,8 +119,7 @@ def test_padded_count_gives_few_sizes_near_the_rows_on_the_cpu_in_half_precision
 def routed(count=3, dim=6, hidden=5, tokens=5, dtype=torch.float64, act_layer=torch.nn.GELU, device="cpu"):
     """Experts, tokens and rows in expert order as the layer makes them: counts [4, 0, 5] (an empty expert), token
     0 routed to experts 0 and 2 (so its output sums two gated rows), token 3 to expert 0 only."""
-    torch.manual_seed(0)
-    experts = [Mlp(dim, hidden, act_layer=act_layer).to(device, dtype) for _ in range(count)]
+    experts = mlps(count, dim, hidden, act_layer, dtype, device)
     counts = [4, 0, 5]
     x = torch.randn(tokens, dim, dtype=dtype).to(device).requires_grad_()
     source = torch.tensor([0, 1, 2, 3, 0, 1, 2, 4, 4], device=device)
@@ -117,9 +133,8 @@ def test_looped_experts_gradients_are_the_derivatives_of_their_outputs(act_layer
     """torch's gradcheck in float64 (finite differences against the hand-written backward) for the tokens, the
     gates and every expert's weights and biases; GELU uses its own kernel, any other activation autograd."""
     experts, x, source, gates, counts = routed(act_layer=act_layer)
-    params = [p for m in experts for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
-    assert torch.autograd.gradcheck(
-        lambda t, g, *ps: LoopedExperts.apply(t, source, g, counts, experts[0].act, True, *ps), (x, gates, *params))
+    assert torch.autograd.gradcheck(lambda t, g, *ps: LoopedExperts.apply(t, source, g, counts, experts.act, True, *ps),
+                                    (x, gates, *experts.stacks()))
 
 
 CUDA = pytest.mark.cuda  # skipped, with the reason, where CUDA is not available (conftest.py)
@@ -137,8 +152,7 @@ def test_looped_experts_equal_gather_experts_then_combine(device, dtype):
     experts, x, source, gates, counts = routed(dtype=dtype, device=device)
     results = []
     for fused in (True, False):
-        for m in experts:
-            m.zero_grad()
+        experts.zero_grad()
         inputs, gate_values = x.detach().clone().requires_grad_(), gates.detach().clone().requires_grad_()
         if fused:
             out = run_and_combine(experts, inputs, source, gate_values, torch.tensor(counts, device=device), "looped")
@@ -146,22 +160,20 @@ def test_looped_experts_equal_gather_experts_then_combine(device, dtype):
             rows = run_groups(experts, inputs.index_select(0, source), torch.tensor(counts, device=device), "looped")
             out = combine(rows, source, gate_values, inputs.shape)
         out.float().square().sum().backward()
-        results.append([out, inputs.grad, gate_values.grad] + [p.grad for m in experts for p in m.parameters()])
+        results.append([out, inputs.grad, gate_values.grad] + grads(experts))
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), **tolerance)
-    empty_fc1_weight = 3 + 4 * 1  # after out, tokens and gates: expert 1's four parameters
-    assert not results[0][empty_fc1_weight].any()  # the empty expert: a zero gradient, as in the capacity path
+    assert not any(g[1].any() for g in results[0][3:])  # the empty expert: zero gradients, as in the capacity path
 
 
 def test_looped_experts_with_frozen_experts_give_only_input_and_gate_gradients():
     """Router-only adaptation freezes the experts: no weight gradient is made, the tokens' and gates' still are."""
     experts, x, source, gates, counts = routed()
-    for p in (p for m in experts for p in m.parameters()):
-        p.requires_grad_(False)
+    experts.requires_grad_(False)
     run_and_combine(experts, x, source, gates, torch.tensor(counts), "looped").sum().backward()
     assert x.grad is not None and gates.grad is not None and x.grad.any() and gates.grad.any()
-    assert all(p.grad is None for m in experts for p in m.parameters())
+    assert all(g is None for g in grads(experts))
 
 
 def grouped_and_looped(experts, x, counts) -> dict[str, list[torch.Tensor]]:
@@ -169,12 +181,12 @@ def grouped_and_looped(experts, x, counts) -> dict[str, list[torch.Tensor]]:
     the input's gradient, each expert's fc1 weight gradient and each expert's fc2 bias gradient, in float32."""
     results = {}
     for choice in ("grouped_mm", "looped"):
-        for m in experts:
-            m.zero_grad()
+        experts.zero_grad()
         inputs = x.clone().requires_grad_()
         out = run_groups(experts, inputs, counts, choice)
         out.float().square().sum().backward()
-        tensors = [out, inputs.grad] + [m.fc1.weight.grad for m in experts] + [m.fc2.bias.grad for m in experts]
+        fc1_weight, _, _, fc2_bias = grads(experts)
+        tensors = [out, inputs.grad, *fc1_weight.unbind(0), *fc2_bias.unbind(0)]
         results[choice] = [t.float() for t in tensors]
     return results
 
@@ -194,7 +206,7 @@ def assert_backends_agree(results, counts) -> None:
 def test_grouped_mm_experts_agree_with_looped_ones_in_bf16():
     """``torch._grouped_mm`` (what CUDA sm90 runs) against the looped experts on the same bf16 rows: outputs and
     input and weight gradients within bf16's rounding; FLOPs counted alike."""
-    experts = [m.to(torch.bfloat16) for m in mlps()]
+    experts = mlps(dtype=torch.bfloat16)
     counts = torch.tensor([5, 0, 11])
     x = torch.randn(16, 16, dtype=torch.bfloat16)
     assert_backends_agree(grouped_and_looped(experts, x, counts), counts)
@@ -222,7 +234,7 @@ def test_dropless_experts_on_cuda_use_grouped_mm_where_it_runs_and_match_the_loo
     if expected == "looped":
         pytest.skip(f"torch._grouped_mm does not run in bf16 on {torch.cuda.get_device_name()} with torch "
                     f"{torch.__version__}: the looped backend is the one chosen, as asserted")
-    experts = [m.to(device, torch.bfloat16) for m in mlps(dim=64, hidden=128)]
+    experts = mlps(dim=64, hidden=128, dtype=torch.bfloat16, device=device)
     x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
     counts = torch.tensor([37, 0, 91], device=device)
     assert_backends_agree(grouped_and_looped(experts, x, counts), counts)

@@ -82,9 +82,9 @@ def test_layer_output_matches_reference(renormalize):
     kept, _, gates, _, _ = reference_routing(x.reshape(-1, 12), gate.routers["a"].proj.weight, 2, 1.0, 4, renormalize)
     expected = torch.zeros(30, 12, dtype=torch.float64)
     flat = x.reshape(-1, 12).double()
-    for e, mlp in enumerate(layer.local_mlps):
-        h = torch.nn.functional.gelu(flat @ mlp.fc1.weight.double().t() + mlp.fc1.bias.double())
-        out = h @ mlp.fc2.weight.double().t() + mlp.fc2.bias.double()
+    for e in range(6):
+        w1, b1, w2, b2 = (t.double() for t in layer.mlps.expert(e))
+        out = torch.nn.functional.gelu(flat @ w1.t() + b1) @ w2.t() + b2
         expected += gates[:, e:e + 1] * out
     assert y.shape == x.shape
     torch.testing.assert_close(y.double(), expected.reshape(3, 10, 12), rtol=1e-4, atol=1e-5)
@@ -95,14 +95,16 @@ def test_layer_output_matches_reference(renormalize):
 def test_layer_forward_equals_deepspeed_moe_layer(capacity_factor, experts):
     """Our dispatch / experts / combine against DeepSpeed's own MOELayer forward on the same gate routes:
     outputs and every gradient (input, experts, router), with routes dropped over capacity, a pruned logit and a
-    frozen expert; the experts both ways (``grouped.capacity_backend``: looped on one CPU rank, else batched)."""
+    frozen expert (in a bank of its own); the experts both ways (``grouped.capacity_backend``: looped on one CPU
+    rank, else batched)."""
     torch.manual_seed(4)
     gate = make_gate(k=2, num_experts=6, dim=12, capacity_factor=capacity_factor, loss_coefs={"mi": 1.0})
     layer = MoEMlp(12, 8, 6, gate)
     layer.capacity_experts = experts
     layer.init_weights(seed=5)
     layer.keep_experts([0, 1, 2, 4, 5])  # expert 3's logit stays in the softmax, unselectable
-    layer.local_mlps[1].requires_grad_(False)
+    layer.mlps.split([0, 2, 3, 4])  # expert 1 frozen: bank 0
+    assert layer.mlps.ids == [[1], [0, 2, 3, 4]] and layer.mlps.trainable() == [True, False, True, True, True]
     x = torch.randn(4, 15, 12)
     weight = torch.linspace(-1, 1, 12)
 
@@ -119,7 +121,8 @@ def test_layer_forward_equals_deepspeed_moe_layer(capacity_factor, experts):
     assert (gate.counts.sum() > slots) == (capacity_factor == 0.5)  # routes were dropped at 0.5 only
     torch.testing.assert_close(ours[0], stock[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], stock[1], rtol=1e-5, atol=1e-6)
-    assert ours[2].keys() == stock[2].keys() and not any("deepspeed_experts.1." in n for n in ours[2])
+    assert ours[2].keys() == stock[2].keys() and not any(".banks.0." in n for n in ours[2])
+    assert any(".banks.1." in n for n in ours[2])
     for name in ours[2]:
         torch.testing.assert_close(ours[2][name], stock[2][name], rtol=1e-5, atol=1e-6, msg=name)
     assert ours[2]["deepspeed_moe.gate.routers.a.proj.weight"].abs().sum() > 0

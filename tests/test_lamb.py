@@ -70,6 +70,36 @@ def test_idle_tensors_are_skipped_as_timm_skips_a_tensor_without_gradient():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_stacked_tensor_steps_as_its_slices_would_as_tensors_of_their_own():
+    """A parameter with ``segments`` (a MoE layer's experts stacked) gets a trust ratio and an idle check per
+    slice: the same steps as three separate tensors, and a slice whose gradient is zero (an expert no token
+    reached) keeps its weights and moments. Without ``segments`` the trust ratio would be one for the stack."""
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 4, 5) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1))
+    stacked.segments = 3
+    separate = [torch.nn.Parameter(t.detach().clone()) for t in stacked.unbind(0)]
+    whole = torch.nn.Parameter(stacked.detach().clone())  # the control, one tensor
+    optimizers = [Lamb([p], lr=0.01, weight_decay=0.05) for p in (stacked, whole)] + [
+        Lamb(separate, lr=0.01, weight_decay=0.05)]
+    for step in range(4):
+        idle = step % 3
+        grads = torch.randn(3, 4, 5)
+        grads[idle] = 0
+        weights = stacked[idle].detach().clone()
+        moments = optimizers[0].state[stacked]["exp_avg"][idle].clone() if step else None
+        stacked.grad, whole.grad = grads.clone(), grads.clone()
+        for p, g in zip(separate, grads):
+            p.grad = g.clone()
+        for o in optimizers:
+            o.step()
+        assert torch.equal(stacked[idle], weights)
+        if moments is not None:
+            assert torch.equal(optimizers[0].state[stacked]["exp_avg"][idle], moments)
+        torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in separate]), rtol=1e-6,
+                                   atol=1e-7)
+    assert (whole - stacked).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("run", ["zero1", "zero2"])
 def test_zero_partitions_give_stage0_lamb(ranks, run):
     for rank in ranks:

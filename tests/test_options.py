@@ -115,7 +115,7 @@ def test_adapter_reduction_trains_only_adapters_routers_and_heads(shards, source
     heads = {n for n in names if n.startswith("heads.")}
     assert len(adapters) == 4 * len(layers) and names == adapters | routers | heads
     assert {n.split(".routers.")[1].split(".")[0] for n in routers} == {"imagenet", "coco", "ade20k"}
-    assert not [n for n in names if "deepspeed_experts" in n or "patch_embed" in n]
+    assert not [n for n in names if "deepspeed_moe.experts" in n or "patch_embed" in n]
     pets = adapt_recipe(tmp_path, source, shards, {"adapter_reduction": 4})
     model = adapted_model(pets)
     assert {n.split(".")[1] for n in trainable(model) if n.startswith("heads.")} == {"pets"}
@@ -343,9 +343,9 @@ def test_prune_threshold_keeps_exactly_the_experts_with_at_least_that_share(sour
     assert [len(k) for k in kept] == [8] * 5 and kept[0] == [0, 2, 4, 5, 8, 9, 10, 11]
     assert model.surgery[-1] == {"op": "keep_experts", "kept": kept}
     for layer, old, experts in zip(model.backbone.moe_layers, original.backbone.moe_layers, kept):
-        assert layer.num_experts == len(experts) == len(layer.local_mlps)
-        for mlp, e in zip(layer.local_mlps, experts):
-            assert torch.equal(mlp.fc1.weight, old.local_mlps[e].fc1.weight)
+        assert layer.num_experts == len(experts) == layer.mlps.num_local_experts
+        for now, before in zip(layer.mlps.stacks(), old.mlps.stacks()):
+            assert torch.equal(now, before[experts])
         choices = layer.gate.routers["imagenet"].choices.tolist()
         assert [e for e, c in enumerate(choices) if c >= 0] == experts and sorted(c for c in choices if c >= 0) == \
             list(range(len(experts)))
@@ -368,8 +368,7 @@ def test_tune_experts_selection_picks_the_experts_it_names(source, tmp_path, sel
     model = adapted_model(recipe)
     names = trainable(model)
     for index, layer in enumerate(model.backbone.moe_layers):
-        prefix = [n for n, m in model.named_modules() if m is layer][0] + ".deepspeed_moe.experts.deepspeed_experts."
-        tuned = sorted({int(n[len(prefix):].split(".")[0]) for n in names if n.startswith(prefix)})
+        tuned = [e for e, trains in enumerate(layer.mlps.trainable()) if trains]
         ranked = sorted(range(12), key=lambda e: counts[index][e], reverse=True)
         if selection == "most_used":
             assert tuned == sorted(ranked[:2])
@@ -377,7 +376,7 @@ def test_tune_experts_selection_picks_the_experts_it_names(source, tmp_path, sel
             assert tuned == sorted(ranked[-2:])
         else:
             assert tuned == sorted(random.Random(index).sample(range(12), 2))  # seed 0 * 1009 + layer
-    assert len([n for n in names if "deepspeed_experts" in n]) == 5 * 2 * 4
+    assert len([n for n in names if "deepspeed_moe.experts" in n]) == 5 * 4  # one bank of two per layer
 
 
 def test_keep_datasets_keeps_the_exports_heads_and_routers_frozen(shards, source, tmp_path):
@@ -400,9 +399,9 @@ def test_add_experts_adds_trainable_experts_the_old_routers_cannot_select(source
     model = adapted_model(load_recipe("demo", [f"adapt.source={source}", "adapt.add_experts=2"]))
     names = trainable(model)
     assert [layer.num_experts for layer in model.backbone.moe_layers] == [14] * 5
-    experts = {n.split("deepspeed_experts.")[1].split(".")[0] for n in names if "deepspeed_experts" in n}
-    assert experts == {"12", "13"}
+    assert len([n for n in names if "deepspeed_moe.experts" in n]) == 5 * 4  # a bank per layer: the new experts
     for layer in model.backbone.moe_layers:
+        assert [e for e, trains in enumerate(layer.mlps.trainable()) if trains] == [12, 13]
         assert all(router.proj.out_features == 12 for router in layer.gate.routers.values())
 
 

@@ -126,6 +126,7 @@ def adapted_model(recipe: Recipe) -> MTHLModel:
                 tuned.append([])
             if a.add_experts:
                 tuned[-1] += list(range(old_experts[index], layer.num_experts))
+            layer.mlps.split(tuned[-1])  # the experts that train, in a bank of their own
         surgery.freeze(model, trainable_names(model, list(recipe.datasets), tuned))
     return model
 

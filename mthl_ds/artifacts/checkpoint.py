@@ -102,8 +102,10 @@ def newest_good(ckpt_dir: Path, before: Optional[str] = None) -> Optional[str]:
 # ------------------------------------------------------------------------------------------- resume checks
 
 def model_signature(recipe: Recipe) -> dict:
-    """What must not change when a run resumes: the model and each dataset's task and classes."""
-    return {"model": dataclasses.asdict(recipe.model),
+    """What must not change when a run resumes: the model and each dataset's task and classes, and how the
+    experts' weights are laid out in parameters (the order of ZeRO's flat optimizer states follows it: a
+    checkpoint from before the experts were stacked per layer cannot resume)."""
+    return {"expert_tensors": "stacked per MoE layer", "model": dataclasses.asdict(recipe.model),
             "datasets": {n: {"task": d.task, "num_classes": d.num_classes, "top_k": d.top_k}
                          for n, d in recipe.datasets.items()},
             "adapt": dataclasses.asdict(recipe.adapt) if recipe.adapt else None}

@@ -137,10 +137,7 @@ def shard_experts(model: MTHLModel, ep_size: int, ep_rank: int) -> MTHLModel:
         local = layer.num_experts // ep_size
         sharded = MoEMlp(layer.dim, layer.hidden, layer.num_experts, layer.gate, ep_size=ep_size,
                          act_layer=layer.act_layer, dispatch=layer.dispatch)
-        for target, source in zip(sharded.local_mlps, layer.local_mlps[ep_rank * local:(ep_rank + 1) * local]):
-            target.load_state_dict(source.state_dict())
-            for t, s in zip(target.parameters(), source.parameters()):
-                t.requires_grad_(s.requires_grad)
+        sharded.mlps.take(layer.mlps, ep_rank * local)
         sharded.adapter = layer.adapter
         owners[id(layer)].mlp = sharded
         model.backbone.moe_layers[index] = sharded

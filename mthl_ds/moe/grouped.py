@@ -4,14 +4,14 @@ Two ways, chosen per device and dtype the first time they are met, and logged on
 
 - ``grouped_mm``: ``torch._grouped_mm`` (one kernel per linear layer for all experts; what torchtitan and
   Megatron-Core run), on CUDA where a probe call in that dtype succeeds (bf16 on sm90 GPUs). The CPU has the
-  op too (bf16, fp16) but as a reference kernel slower than the loop. Each expert keeps its own parameters:
-  they are stacked per call.
+  op too (bf16, fp16) but as a reference kernel slower than the loop.
 - ``looped``: each expert's MLP on its rows (the counts are read on the host once per call). V100s (fp16, no
   grouped kernels) run this way. Where the rows' tokens and gates are at hand (one expert-parallel rank),
   :class:`LoopedExperts` also gathers each expert's rows and adds its gated outputs onto their tokens as it goes.
   On the CPU in bf16 / fp16 each expert's rows are padded to one of a few sizes (:func:`padded_count`).
 
-Both compute ``fc2(act(fc1(x)))`` of timm's ``Mlp`` (its dropouts are 0 and its norm is an identity here).
+Both compute ``fc2(act(fc1(x)))`` of timm's ``Mlp`` (its dropouts are 0 and its norm is an identity here) with
+the experts' stacked tensors (:class:`mthl_ds.moe.experts.StackedMlps`).
 
 The capacity path's experts, C slots each, also run as one :class:`LoopedExperts` in training on one CPU rank
 (:func:`capacity_backend`): C is known without reading the device, and nothing is padded.
@@ -19,11 +19,11 @@ The capacity path's experts, C slots each, also run as one :class:`LoopedExperts
 from __future__ import annotations
 
 import logging
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mthl_ds.moe.experts import StackedMlps
 
 log = logging.getLogger("mthl_ds.moe")
 CHOICES: dict[tuple[str, torch.dtype], str] = {}
@@ -55,25 +55,27 @@ def backend(device: torch.device, dtype: torch.dtype) -> str:
     return CHOICES[key]
 
 
-def linear_grouped(x: Tensor, offsets: Tensor, rows_expert: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
-    weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)  # [E, in, out]
-    bias = torch.stack([layer.bias for layer in layers])
-    return torch._grouped_mm(x, weight.to(x.dtype), offs=offsets) + bias.to(x.dtype)[rows_expert]
+def linear_grouped(x: Tensor, offsets: Tensor, rows_expert: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Rows of expert e through ``weight[e]`` ``[out, in]`` and ``bias[e]``, in one grouped matmul."""
+    return torch._grouped_mm(x, weight.transpose(1, 2).to(x.dtype), offs=offsets) + bias.to(x.dtype)[rows_expert]
 
 
-def run_groups(mlps: Sequence[nn.Module], x: Tensor, counts: Tensor, choice: str | None = None) -> Tensor:
+def run_groups(mlps: StackedMlps, x: Tensor, counts: Tensor, choice: str | None = None) -> Tensor:
     """``[rows, d] -> [rows, d]``: rows ``sum(counts[:e]) ..`` through expert ``e``. ``choice`` forces a backend
     (tests, benchmarks); default: :func:`backend`."""
     choice = choice or backend(x.device, x.dtype)
+    w1, b1, w2, b2 = mlps.stacks()
     if choice == "grouped_mm":
         offsets = counts.cumsum(0).to(torch.int32)
-        rows_expert = torch.repeat_interleave(torch.arange(len(mlps), device=x.device), counts, output_size=len(x))
-        hidden = mlps[0].act(linear_grouped(x, offsets, rows_expert, [m.fc1 for m in mlps]))
-        return linear_grouped(hidden, offsets, rows_expert, [m.fc2 for m in mlps])
+        rows_expert = torch.repeat_interleave(torch.arange(len(w1), device=x.device), counts, output_size=len(x))
+        hidden = mlps.act(linear_grouped(x, offsets, rows_expert, w1, b1))
+        return linear_grouped(hidden, offsets, rows_expert, w2, b2)
     if choice != "looped":
         raise ValueError(f"unknown grouped-expert backend {choice!r}; use grouped_mm or looped")
-    # every expert runs, an empty one on 0 rows: its parameters get a zero gradient, as in the capacity path
-    return torch.cat([mlp(pad_rows(part))[:len(part)] for mlp, part in zip(mlps, x.split(counts.tolist()))])
+    # every expert runs, an empty one on 0 rows: its tensors get a zero gradient, as in the capacity path
+    parts = x.split(counts.tolist())
+    return torch.cat([F.linear(mlps.act(F.linear(pad_rows(part), *fc1)), *fc2)[:len(part)] for part, fc1, fc2 in
+                      zip(parts, zip(w1.unbind(0), b1.unbind(0)), zip(w2.unbind(0), b2.unbind(0)))])
 
 
 def padded_count(rows: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -103,7 +105,7 @@ def combine(outputs: Tensor, source: Tensor, gates: Tensor, shape: torch.Size) -
     return torch.zeros(shape, dtype=wide, device=outputs.device).index_add_(0, source, weighted).to(outputs.dtype)
 
 
-def run_and_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, gates: Tensor, counts: Tensor,
+def run_and_combine(mlps: StackedMlps, tokens: Tensor, source: Tensor, gates: Tensor, counts: Tensor,
                     choice: str | None = None) -> Tensor:
     """``[S, d] -> [S, d]``: ``combine(run_groups(mlps, tokens[source], counts), source, gates)``, the rows in
     expert order (``counts[e]`` rows for expert e). The looped backend runs it as one :class:`LoopedExperts`."""
@@ -113,12 +115,11 @@ def run_and_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, g
     return looped_combine(mlps, tokens, source, gates, counts.tolist(), pad=True)
 
 
-def looped_combine(mlps: Sequence[nn.Module], tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int],
+def looped_combine(mlps: StackedMlps, tokens: Tensor, source: Tensor, gates: Tensor, counts: list[int],
                    pad: bool) -> Tensor:
     """:class:`LoopedExperts` on ``mlps``: ``counts[e]`` rows (tokens ``source``, weights ``gates``) for expert e,
     each padded to :func:`padded_count` rows if ``pad`` (row counts that change from call to call)."""
-    params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
-    return LoopedExperts.apply(tokens, source, gates, counts, mlps[0].act, pad, *params)
+    return LoopedExperts.apply(tokens, source, gates, counts, mlps.act, pad, *mlps.stacks())
 
 
 def capacity_backend(device: torch.device, ep_size: int) -> str:
@@ -138,9 +139,9 @@ class LoopedExperts(torch.autograd.Function):
     concatenation of the experts' outputs (and of their input gradients) and the separate passes over all rows
     that weight outputs and gradients. The same values: outputs and gradients equal the composition's to rounding.
 
-    Apply as ``LoopedExperts.apply(tokens, source, gates, counts, act, pad, *params)`` with ``counts`` a list of
-    ints, ``pad`` whether each expert's rows are padded (:func:`pad_rows`) and ``params`` each expert's
-    ``fc1.weight, fc1.bias, fc2.weight, fc2.bias`` in turn.
+    Apply as ``LoopedExperts.apply(tokens, source, gates, counts, act, pad, w1, b1, w2, b2)`` with ``counts`` a
+    list of ints, ``pad`` whether each expert's rows are padded (:func:`pad_rows`) and the experts' stacked
+    tensors (``StackedMlps.stacks()``).
     """
 
     @staticmethod
@@ -150,7 +151,7 @@ class LoopedExperts(torch.autograd.Function):
         out = torch.zeros(tokens.shape, dtype=wide, device=tokens.device)
         saved = []
         for e, (src, gate) in enumerate(zip(source.split(counts), gates.split(counts))):
-            w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+            w1, b1, w2, b2 = (p[e] for p in params)
             x = tokens.index_select(0, src)
             x = pad_rows(x) if pad else x
             hidden = torch.addmm(b1, x, w1.t())
@@ -165,8 +166,7 @@ class LoopedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         source, gates, *rest = ctx.saved_tensors
-        experts = len(ctx.counts)
-        params, saved = rest[:4 * experts], rest[4 * experts:]
+        params, saved = rest[:4], rest[4:]
         need_tokens, need_gates, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(
             ctx.needs_input_grad[6:])
         wide = torch.promote_types(grad.dtype, torch.float32)
@@ -174,7 +174,7 @@ class LoopedExperts(torch.autograd.Function):
         grad_tokens = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device) if need_tokens else None
         grad_gates, grad_params = [], []
         for e, (src, gate) in enumerate(zip(source.split(ctx.counts), gates.split(ctx.counts))):
-            w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+            w1, b1, w2, b2 = (p[e] for p in params)
             x, hidden, activated, y = saved[4 * e:4 * e + 4]
             grad_y = grad_wide.index_select(0, src)
             if need_gates:
@@ -183,11 +183,11 @@ class LoopedExperts(torch.autograd.Function):
             grad_y = F.pad(grad_y, (0, 0, 0, len(x) - len(src))) if len(x) > len(src) else grad_y  # padded rows
             grad_hidden = activation_backward(ctx.act, grad_y @ w2, hidden)
             if need_params:
-                grad_params += [grad_hidden.t() @ x, grad_hidden.sum(0), grad_y.t() @ activated, grad_y.sum(0)]
+                grad_params.append((grad_hidden.t() @ x, grad_hidden.sum(0), grad_y.t() @ activated, grad_y.sum(0)))
             if need_tokens:
                 grad_tokens.index_add_(0, src, (grad_hidden @ w1)[:len(src)])
         return (grad_tokens, None, torch.cat(grad_gates) if need_gates else None, None, None, None,
-                *(grad_params if need_params else [None] * len(params)))
+                *([torch.stack(g) for g in zip(*grad_params)] if need_params else [None] * 4))
 
 
 def activation_backward(act: nn.Module, grad: Tensor, hidden: Tensor) -> Tensor:

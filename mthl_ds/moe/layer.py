@@ -12,6 +12,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from mthl_ds.moe.experts import StackedMlps
 from mthl_ds.moe.gate import PerDatasetGate, Routes, exclusive_cumsum
 from mthl_ds.moe.grouped import capacity_backend, combine, looped_combine, run_and_combine, run_groups
 from mthl_ds.runtime.collectives import all_to_all_equal, all_to_all_rows
@@ -24,9 +25,10 @@ class MoEMlp(MoE):
     """E expert MLPs ``dim -> hidden -> dim`` behind a :class:`PerDatasetGate`.
 
     Subclasses DeepSpeed's ``MoE`` because the engine sets up expert-parallel groups, splits parameters and
-    writes per-expert checkpoint files only for instances of that class. The forward is ours (see
-    :meth:`forward`); it returns one tensor (timm blocks call ``self.mlp(x)``); the gate keeps the losses
-    and counts.
+    writes per-expert checkpoint files only for instances of that class. Its experts are stacked tensors
+    (:class:`mthl_ds.moe.experts.StackedMlps`, in place of DeepSpeed's ``Experts``) with DeepSpeed's per-expert
+    state dict. The forward is ours (see :meth:`forward`); it returns one tensor (timm blocks call
+    ``self.mlp(x)``); the gate keeps the losses and counts.
 
     Args:
         dim: token width (input and output).
@@ -50,6 +52,8 @@ class MoEMlp(MoE):
         super().__init__(hidden_size=dim, expert=Mlp(dim, hidden, act_layer=act_layer), num_experts=num_experts,
                          ep_size=ep_size, k=1)
         self.deepspeed_moe.gate = gate  # replaces DeepSpeed's TopKGate
+        self.deepspeed_moe.experts = StackedMlps(dim, hidden, self.num_local_experts, act_layer,
+                                                 self.expert_group_name)  # replaces DeepSpeed's Experts
         gate.dispatch = dispatch
         self.dim, self.hidden, self.act_layer, self.dispatch = dim, hidden, act_layer, dispatch
         self.adapter: Optional[Adapter] = None  # the adapter baseline (Houlsby et al.), added by surgery
@@ -60,9 +64,9 @@ class MoEMlp(MoE):
         return self.deepspeed_moe.gate
 
     @property
-    def local_mlps(self) -> nn.ModuleList:
-        """The experts held by this rank, local index order."""
-        return self.deepspeed_moe.experts.deepspeed_experts
+    def mlps(self) -> StackedMlps:
+        """The experts held by this rank (local indices)."""
+        return self.deepspeed_moe.experts
 
     def router_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of dataset ``name``'s router, named as in this layer's ``named_parameters()``."""
@@ -71,10 +75,8 @@ class MoEMlp(MoE):
     def expert_parameters(self, ids: Optional[Iterable[int]] = None) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the experts ``ids`` (local indices; None: every expert this rank holds), named as
         in this layer's ``named_parameters()``: what DeepSpeed treats as expert parameters (expert-parallel, one
-        checkpoint file per expert)."""
-        mlps = self.local_mlps
-        ids = range(len(mlps)) if ids is None else ids
-        return self.named_among(p for e in ids for p in mlps[e].parameters())
+        checkpoint file per expert). Given ``ids``, they must make up whole banks (``self.mlps.split(ids)``)."""
+        return self.named_among(self.mlps.parameters() if ids is None else self.mlps.parameters_of(ids))
 
     def named_among(self, params: Iterable[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
         """``params`` with their names in this layer's ``named_parameters()``, in the order given."""
@@ -83,8 +85,8 @@ class MoEMlp(MoE):
 
     def forward(self, x: Tensor) -> Tensor:
         """DeepSpeed's ``MOELayer`` forward (gate, dispatch, all-to-all, experts, all-to-all, combine) on its
-        groups and expert modules, with fewer ops: a rank's experts run as two batched matmuls
-        (:class:`BatchedLinear`) instead of a loop with chunk / cat, and dispatch and combine share one
+        groups, with fewer ops: a rank's experts run as two batched matmuls (``StackedMlps.forward``) instead
+        of a loop with chunk / cat, and dispatch and combine share one
         slot-to-token index (a gather in, a gate-weighted index_add out) with no zero-padded copies. An empty
         slot reads token 0 instead of a zero row: its output is never added back, so its gradient, and its share
         of the expert's weight gradient, is zero. Tensor-parallel experts (DeepSpeed's ``mpu``) are not supported.
@@ -113,13 +115,13 @@ class MoEMlp(MoE):
         slot_gates = torch.zeros(slots + 1, dtype=torch.float32, device=x.device).scatter(
             0, slot, routes.gates.t().float().flatten())[:slots]
         if self.training and (self.capacity_experts or capacity_backend(x.device, moe.ep_size)) == "looped":
-            out = looped_combine(self.local_mlps, tokens, source, slot_gates, [capacity] * num_experts, pad=False)
+            out = looped_combine(self.mlps, tokens, source, slot_gates, [capacity] * num_experts, pad=False)
             return self.with_adapter(out.view(x.shape))
         dispatched = tokens.index_select(0, source).view(num_experts, capacity, -1)
         if moe.ep_size > 1:
             dispatched = _AllToAll.apply(moe.ep_group, dispatched)
         if self.training or moe.ep_size > 1:
-            outputs = self.run_experts(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
+            outputs = self.mlps(dispatched.view(moe.ep_size, self.num_local_experts, capacity, -1))
         else:  # eval keeps every route: capacity is the busiest expert's count, so compute the filled slots only
             outputs = self.run_filled_slots(dispatched, routes.counts.clamp(max=capacity))
         outputs = outputs.view(slots, -1)
@@ -145,7 +147,7 @@ class MoEMlp(MoE):
         source = order.div(routes.indices.shape[0], rounding_mode="floor")  # route k of token s is route s * K + k
         gates = routes.gates.t().flatten()[order]
         if moe.ep_size == 1:
-            return run_and_combine(self.local_mlps, tokens, source, gates, counts)
+            return run_and_combine(self.mlps, tokens, source, gates, counts)
         local = self.num_local_experts
         received = all_to_all_equal(counts.view(moe.ep_size, local), moe.ep_group)  # [source rank, expert]
         send, receive = counts.view(moe.ep_size, local).sum(1).tolist(), received.sum(1).tolist()
@@ -154,18 +156,9 @@ class MoEMlp(MoE):
         row_expert = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(moe.ep_size),
                                              received.flatten(), output_size=len(rows))
         by_expert = row_expert.argsort(stable=True)
-        outputs = run_groups(self.local_mlps, rows[by_expert], received.sum(0))
+        outputs = run_groups(self.mlps, rows[by_expert], received.sum(0))
         outputs = all_to_all_rows(outputs[by_expert.argsort()], receive, send, moe.ep_group)
         return combine(outputs, source, gates, tokens.shape)
-
-    def run_experts(self, dispatched: Tensor) -> Tensor:
-        """``[ep, local experts, C, d] -> same``: each local expert on the slots every rank sent it."""
-        ep, local, capacity, dim = dispatched.shape
-        x = dispatched.transpose(0, 1).reshape(local, ep * capacity, dim)
-        mlps = self.local_mlps
-        hidden = mlps[0].act(BatchedLinear.apply(x, *[m.fc1.weight for m in mlps], *[m.fc1.bias for m in mlps]))
-        out = BatchedLinear.apply(hidden, *[m.fc2.weight for m in mlps], *[m.fc2.bias for m in mlps])
-        return out.view(local, ep, capacity, dim).transpose(0, 1).contiguous()
 
     def run_filled_slots(self, dispatched: Tensor, filled: Tensor) -> Tensor:
         """``[E, C, d] -> same`` on one device: each expert on its first ``filled[e]`` slots (the others are
@@ -173,24 +166,20 @@ class MoEMlp(MoE):
         batched form would also compute the empty slots of every other expert (up to E / K times the routed
         work when routing is skewed)."""
         out = torch.zeros_like(dispatched)
-        for e, (mlp, count) in enumerate(zip(self.local_mlps, filled.tolist())):
+        act = self.mlps.act
+        for e, (w1, b1, w2, b2, count) in enumerate(zip(*(t.unbind(0) for t in self.mlps.stacks()), filled.tolist())):
             if count:
-                out[e, :count] = mlp(dispatched[e, :count])
+                out[e, :count] = F.linear(act(F.linear(dispatched[e, :count], w1, b1)), w2, b2)
         return out
 
     # ---- surgery: single device (ep_size 1), between runs; mthl_ds.artifacts.surgery applies it to a whole model
-    def set_mlps(self, mlps: list[nn.Module]) -> None:
-        """Hold exactly ``mlps`` as this layer's experts (all of them: ep_size must be 1)."""
+    def set_experts(self, tensors: list[Tensor]) -> None:
+        """Hold exactly the experts of the stacked ``tensors`` (all of them: ep_size must be 1), in one bank."""
         if self.ep_size != 1:
             raise ValueError(
                 f"expert surgery needs the single-device model (ep_size 1), this layer has ep_size {self.ep_size}")
-        for mlp in mlps:
-            for param in mlp.parameters():  # what DeepSpeed's Experts marks on its parameters
-                param.allreduce, param.group_name = False, self.expert_group_name
-        experts = self.deepspeed_moe.experts
-        experts.deepspeed_experts = nn.ModuleList(mlps)
-        experts.num_local_experts = self.deepspeed_moe.num_local_experts = self.num_local_experts = len(mlps)
-        self.num_experts = len(mlps)
+        self.mlps.set_experts(tensors)
+        self.deepspeed_moe.num_local_experts = self.num_local_experts = self.num_experts = len(tensors[0])
 
     def check_kept(self, kept: list[int]) -> None:
         if not kept or len(set(kept)) != len(kept) or not all(0 <= e < self.num_experts for e in kept):
@@ -202,29 +191,25 @@ class MoEMlp(MoE):
         """Keep the experts ``kept`` (in that order); routers are re-indexed (see ``PerDatasetGate.keep_experts``)."""
         self.check_kept(kept)
         self.gate.keep_experts(kept)
-        self.set_mlps([self.local_mlps[e] for e in kept])
+        stacks = self.mlps.stacks()
+        self.set_experts([t.index_select(0, torch.tensor(kept, device=t.device)) for t in stacks])
 
     @torch.no_grad()
     def add_experts(self, count: int, seed: int) -> None:
         """``count`` new experts after the existing ones, initialised like fresh ones (keyed on their index)."""
         first = self.num_experts
-        new = [Mlp(self.dim, self.hidden, act_layer=self.act_layer) for _ in range(count)]
-        for index, mlp in enumerate(new, start=first):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            for fc in (mlp.fc1, mlp.fc2):
-                nn.init.trunc_normal_(fc.weight, std=0.02, generator=gen)
-                nn.init.zeros_(fc.bias)
+        new = StackedMlps(self.dim, self.hidden, count, self.act_layer, self.expert_group_name)
+        for local in range(count):
+            init_expert(new.expert(local), seed * 1_000_003 + first + local)
         self.gate.add_experts(count)
-        self.set_mlps(list(self.local_mlps) + new)
+        self.set_experts([torch.cat([old, added.to(old.device)])
+                          for old, added in zip(self.mlps.stacks(), new.stacks())])
 
     @torch.no_grad()
     def init_weights(self, seed: int, ep_rank: int = 0) -> None:
         """Give every expert its own init, keyed on its *global* index, so the model is the same for any ep_size."""
-        for local, mlp in enumerate(self.local_mlps):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + ep_rank * self.num_local_experts + local)
-            for fc in (mlp.fc1, mlp.fc2):
-                nn.init.trunc_normal_(fc.weight, std=0.02, generator=gen)
-                nn.init.zeros_(fc.bias)
+        for local in range(self.num_local_experts):
+            init_expert(self.mlps.expert(local), seed * 1_000_003 + ep_rank * self.num_local_experts + local)
 
     @torch.no_grad()
     def upcycle(self, dense: Mlp, mode: str, top_k: int, ep_rank: int = 0) -> None:
@@ -243,42 +228,27 @@ class MoEMlp(MoE):
         if mode == "split" and dense_hidden != self.hidden * top_k:
             raise ValueError(
                 f"upcycle 'split' needs dense hidden {dense_hidden} == expert hidden {self.hidden} x K={top_k}")
-        for local, mlp in enumerate(self.local_mlps):
+        for local in range(self.num_local_experts):
             if mode == "copy":
                 rows, scale = slice(None), 1.0
             else:
                 chunk = (ep_rank * self.num_local_experts + local) % top_k
                 rows, scale = slice(chunk * self.hidden, (chunk + 1) * self.hidden), float(top_k)
-            mlp.fc1.weight.copy_(dense.fc1.weight[rows])
-            mlp.fc1.bias.copy_(dense.fc1.bias[rows])
-            mlp.fc2.weight.copy_(dense.fc2.weight[:, rows] * scale)
-            mlp.fc2.bias.copy_(dense.fc2.bias)
+            w1, b1, w2, b2 = self.mlps.expert(local)
+            w1.copy_(dense.fc1.weight[rows])
+            b1.copy_(dense.fc1.bias[rows])
+            w2.copy_(dense.fc2.weight[:, rows] * scale)
+            b2.copy_(dense.fc2.bias)
 
 
-class BatchedLinear(torch.autograd.Function):
-    """``y[e] = x[e] @ W[e]^T + b[e]`` for a rank's E experts in two batched matmuls.
-
-    Takes each expert's own weight and bias (so DeepSpeed's per-expert parameters, checkpoint files and
-    per-expert freezing stay as they are) and returns their gradients as contiguous slices of one batched
-    gradient, with no transposed copies. Apply as ``BatchedLinear.apply(x, *weights, *biases)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
-        count = len(params) // 2
-        weight, bias = torch.stack(params[:count]), torch.stack(params[count:])
-        ctx.save_for_backward(x, weight)
-        # bmm then add_: baddbmm with a broadcast bias is ~40% slower on CPU
-        return torch.bmm(x, weight.transpose(1, 2)).add_(bias.unsqueeze(1))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        if not any(ctx.needs_input_grad[1:]):
-            return (grad_x,) + (None,) * (2 * len(weight))
-        grad_weight = torch.bmm(grad.transpose(1, 2), x)
-        return (grad_x, *grad_weight.unbind(0), *grad.sum(1).unbind(0))
+def init_expert(tensors: tuple[Tensor, ...], seed: int) -> None:
+    """A fresh expert's weights (truncated normal, std 0.02, from a generator seeded with ``seed``: fc1's weight,
+    then fc2's) and zero biases, filled in place."""
+    gen = torch.Generator().manual_seed(seed)
+    w1, b1, w2, b2 = tensors
+    for weight, bias in ((w1, b1), (w2, b2)):
+        nn.init.trunc_normal_(weight, std=0.02, generator=gen)
+        nn.init.zeros_(bias)
 
 
 class Adapter(nn.Module):

@@ -98,8 +98,9 @@ def ep_rank(ep_size: int) -> int:
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases and routers get no weight decay."""
-    return param.ndim <= 1 or ".routers." in name
+    """Norms, biases and routers get no weight decay (of stacked experts, by the shape of one expert's slice)."""
+    dims = param.ndim - 1 if hasattr(param, "segments") else param.ndim
+    return dims <= 1 or ".routers." in name
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -19,6 +19,10 @@ momentum; LAMB's trust ratio then turns that small update into a full step of ``
 tensor is idle: a head whose dataset is sampled one step in several drifts between its steps, and its loss
 spikes when its dataset comes back. Skipping idle tensors keeps DDP's behaviour. A tensor counts as idle when its
 whole gradient (summed over the partitions that hold its fragments) is exactly zero.
+
+A parameter with a ``segments`` attribute of n (a MoE layer's experts stacked, ``mthl_ds.moe.experts``) counts
+as n tensors, the slices along its first dimension: each expert has its own trust ratio and idle check, as if it
+were a tensor of its own.
 """
 from __future__ import annotations
 
@@ -115,17 +119,30 @@ class Lamb(torch.optim.Optimizer):
                 else:
                     self._update(p, group, layout)
             if whole:
-                grads = [p.grad.float() if p.grad.dtype != p.dtype else p.grad for p in whole]
+                params, grads, exp_avg, exp_avg_sq = self._segments(whole)
                 norms = torch.stack(torch._foreach_norm(grads)).float()
                 mask = self._mask(torch.isfinite(norms).all())
                 step = self._count_step(group, mask)
                 start = 0
                 chunked = whole[0].device.type == "cpu" and self.cpu_chunk_numel
-                for chunk in cache_sized(whole, self.cpu_chunk_numel) if chunked else [whole]:
-                    self._update_whole(chunk, grads[start:start + len(chunk)], norms[start:start + len(chunk)],
-                                       group, step, mask)
+                for chunk in cache_sized(params, self.cpu_chunk_numel) if chunked else [params]:
+                    part = slice(start, start + len(chunk))
+                    self._update_whole(chunk, grads[part], norms[part], group, step, mask, exp_avg[part],
+                                       exp_avg_sq[part])
                     start += len(chunk)
         return loss
+
+    def _segments(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """(tensors, gradients, first moments, second moments) of ``params`` with each stacked parameter (a
+        ``segments`` attribute) cut into its slices: views, updated in place."""
+        lists: tuple[list[Tensor], ...] = ([], [], [], [])
+        for p in params:
+            grad = p.grad.float() if p.grad.dtype != p.dtype else p.grad
+            tensors = (p, grad, *self._moments(p))
+            cut = getattr(p, "segments", 1) > 1
+            for out, t in zip(lists, tensors):
+                out.extend(t.unbind(0) if cut else [t])
+        return lists
 
     @staticmethod
     def _count_step(group: dict, mask: Tensor) -> Tensor:
@@ -149,7 +166,7 @@ class Lamb(torch.optim.Optimizer):
         return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
     def _update_whole(self, params: list[Tensor], grads: list[Tensor], norms: Tensor, group: dict, step: Tensor,
-                      mask: Tensor) -> None:
+                      mask: Tensor, exp_avg: list[Tensor], exp_avg_sq: list[Tensor]) -> None:
         """The same update as ``_update`` on whole tensors, as multi-tensor ops. On the CPU the caller passes
         cache-sized chunks: a model with many small tensors (E experts per layer) pays per-op overhead once per
         chunk, and every op of the chunk finds its tensors in cache. A tensor is idle when its gradient is
@@ -161,7 +178,6 @@ class Lamb(torch.optim.Optimizer):
         active = (norms > 0) & mask if self.skip_idle else mask.expand_as(norms)
         moving = active.to(params[0].dtype)
         shaped = self._per_element(params)
-        exp_avg, exp_avg_sq = map(list, zip(*(self._moments(p) for p in params)))
         torch._foreach_lerp_(exp_avg, grads, shaped(moving * (1 - beta1)))
         torch._foreach_lerp_(exp_avg_sq, torch._foreach_mul(grads, grads), shaped(moving * (1 - beta2)))
         update = torch._foreach_div(exp_avg_sq, (1 - beta2 ** step).to(params[0].dtype))
@@ -286,10 +302,12 @@ def attach_zero_layout(engine, max_grad_norm: float = 0.0) -> None:
         size = zero.partition_size[index]
         start, end = rank * size, (rank + 1) * size
         tensors, offsets = zero.round_robin_bit16_groups[index], zero.round_robin_bit16_offsets[index]
-        padding = len(tensors)
+        pieces = [(offset + k * (t.numel() // n), t.numel() // n) for t, offset in zip(tensors, offsets)
+                  for n in [getattr(t, "segments", 1)] for k in range(n)]  # a stacked tensor: its n slices
+        padding = len(pieces)
         lengths, ids, cursor = [], [], start
-        for tensor_id, (tensor, offset) in enumerate(zip(tensors, offsets)):
-            a, b = max(offset, start), min(offset + tensor.numel(), end)
+        for tensor_id, (offset, numel) in enumerate(pieces):
+            a, b = max(offset, start), min(offset + numel, end)
             if a >= b:
                 continue
             if a > cursor:

@@ -21,7 +21,7 @@ def active_params(model: MTHLModel, dataset: str) -> int:
     unused = sum(count_parameters(h) for name, h in model.heads.items() if name != dataset)
     for layer in model.backbone.moe_layers:
         unused += other_routers(layer, dataset)
-        per_mlp = count_parameters(p for _, p in layer.expert_parameters([0]))
+        per_mlp = count_parameters(p for _, p in layer.expert_parameters()) // layer.num_local_experts
         unused += (layer.num_experts - layer.gate.top_k[dataset]) * per_mlp
     for layer in model.backbone.attention_layers:  # an attention expert: its query and output projection slices
         unused += other_routers(layer, dataset)

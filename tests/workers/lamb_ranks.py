@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.optim import Lamb as TimmLamb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_ranks import global_batch, global_name  # noqa: E402
+from moe_ranks import global_batch, per_expert  # noqa: E402
 
 from mthl_ds.build import build_model  # noqa: E402
 from mthl_ds.config import load_recipe  # noqa: E402
@@ -44,8 +44,8 @@ def train(engine, rank: int, world_size: int) -> None:
 
 
 def weights(engine, ep_size: int) -> dict:
-    return {global_name(n, 4 // ep_size, ep_rank(ep_size)): p.detach().clone()
-            for n, p in engine.module.named_parameters()}
+    return per_expert(((n, p.detach()) for n, p in engine.module.named_parameters()),
+                      ep_rank(ep_size) * (4 // ep_size))
 
 
 def run(name: str) -> dict:

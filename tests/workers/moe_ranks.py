@@ -24,14 +24,21 @@ def global_batch(n=8, size=64, seed=0):
     return torch.randn(n, 3, size, size, generator=g), torch.randint(10, (n,), generator=g)
 
 
-def global_name(name: str, layer_local_experts: int, rank_in_ep: int) -> str:
-    """Rename a local expert parameter to its global expert index."""
-    marker = ".deepspeed_experts."
-    if marker not in name:
-        return name
-    head, tail = name.split(marker)
-    local, rest = tail.split(".", 1)
-    return f"{head}{marker}{rank_in_ep * layer_local_experts + int(local)}.{rest}"
+def per_expert(named, first: int = 0) -> dict:
+    """``(name, tensor)`` pairs as a dict of copies, each stacked expert tensor (one bank) cut into its experts,
+    named ``...experts.deepspeed_experts.{e}.fc1_weight`` under their global index ``e`` (``first``: this rank's
+    first expert), so that ranks holding different experts compare with one process."""
+    out = {}
+    for name, tensor in named:
+        if ".experts.banks." not in name:
+            out[name] = tensor.clone()
+            continue
+        head, tail = name.split(".banks.")
+        bank, param = tail.split(".", 1)
+        assert bank == "0", f"{name}: one bank expected"
+        for e, piece in enumerate(tensor.unbind(0)):
+            out[f"{head}.deepspeed_experts.{first + e}.{param}"] = piece.clone()
+    return out
 
 
 def expert_parallel_pass(rank: int, ep_size: int = 2, extra: tuple[str, ...] = ()) -> dict:
@@ -48,8 +55,8 @@ def expert_parallel_pass(rank: int, ep_size: int = 2, extra: tuple[str, ...] = (
     loss = F.cross_entropy(logits, labels[half])
     engine.backward(loss)
     local = recipe.model.moe.num_experts // ep_size
-    grads = {global_name(n, local, ep_rank(ep_size)): p.grad.clone() for n, p in engine.module.named_parameters()
-             if p.grad is not None}
+    grads = per_expert(((n, p.grad) for n, p in engine.module.named_parameters() if p.grad is not None),
+                       ep_rank(ep_size) * local)
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": grads}
 
 

@@ -28,7 +28,7 @@ FILLED = MoEMlp.run_filled_slots
 
 def every_slot(layer: MoEMlp, dispatched: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
     experts, capacity, dim = dispatched.shape
-    return layer.run_experts(dispatched.view(1, experts, capacity, dim)).view(experts, capacity, dim)
+    return layer.mlps(dispatched.view(1, experts, capacity, dim)).view(experts, capacity, dim)
 
 
 def flat_outputs(output) -> torch.Tensor:
