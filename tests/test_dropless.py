@@ -67,9 +67,8 @@ def mlps(count=3, dim=16, hidden=32, act_layer=torch.nn.GELU, dtype=torch.float3
 
 
 def expert_mlp(experts, e, x):
-    """Expert ``e`` of ``experts`` on the rows ``x``, by hand."""
-    w1, b1, w2, b2 = experts.expert(e)
-    return F.linear(experts.act(F.linear(x, w1, b1)), w2, b2)
+    """Expert ``e`` of ``experts`` on the rows ``x``, alone."""
+    return experts.run(experts.expert(e), x)
 
 
 def grads(experts) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -81,6 +82,15 @@ class StackedMlps(nn.Module):
         return tuple(torch.cat(parts).index_select(0, self.order[device])
                      for parts in zip(*(b.tensors() for b in self.banks)))
 
+    def per_expert(self) -> list[tuple[Tensor, ...]]:
+        """Each expert's four tensors, in expert order: slices of :meth:`stacks`, whose gradients flow into them."""
+        return list(zip(*(t.unbind(0) for t in self.stacks())))
+
+    def run(self, tensors: Sequence[Tensor], x: Tensor) -> Tensor:
+        """One expert, given its four tensors, on the rows ``x``: ``fc2(act(fc1(x)))``."""
+        w1, b1, w2, b2 = tensors
+        return F.linear(self.act(F.linear(x, w1, b1)), w2, b2)
+
     def expert(self, e: int) -> tuple[Tensor, ...]:
         """Expert ``e``'s four tensors: views into its bank's (to read or to fill in place)."""
         for bank, ids in zip(self.banks, self.ids):
@@ -125,10 +135,8 @@ class StackedMlps(nn.Module):
     def take(self, source: "StackedMlps", first: int) -> None:
         """Hold ``source``'s experts ``first ..`` (as many as this holds), each training as it did there."""
         count = self.num_local_experts
-        flags = source.trainable()[first:first + count]
-        banks = [b for b in ([e for e in range(count) if not flags[e]], [e for e in range(count) if flags[e]]) if b]
-        self.set_experts([t[first:first + count].to(self.banks[0].fc1_weight.device) for t in source.stacks()], banks,
-                         [flags[b[0]] for b in banks])
+        self.set_experts([t[first:first + count].to(self.banks[0].fc1_weight.device) for t in source.stacks()])
+        self.split([e for e, trains in enumerate(source.trainable()[first:first + count]) if trains])
 
     @torch.no_grad()
     def split(self, trainable: Iterable[int]) -> None:

@@ -64,8 +64,8 @@ def run_groups(mlps: StackedMlps, x: Tensor, counts: Tensor, choice: str | None 
     """``[rows, d] -> [rows, d]``: rows ``sum(counts[:e]) ..`` through expert ``e``. ``choice`` forces a backend
     (tests, benchmarks); default: :func:`backend`."""
     choice = choice or backend(x.device, x.dtype)
-    w1, b1, w2, b2 = mlps.stacks()
     if choice == "grouped_mm":
+        w1, b1, w2, b2 = mlps.stacks()
         offsets = counts.cumsum(0).to(torch.int32)
         rows_expert = torch.repeat_interleave(torch.arange(len(w1), device=x.device), counts, output_size=len(x))
         hidden = mlps.act(linear_grouped(x, offsets, rows_expert, w1, b1))
@@ -73,9 +73,8 @@ def run_groups(mlps: StackedMlps, x: Tensor, counts: Tensor, choice: str | None 
     if choice != "looped":
         raise ValueError(f"unknown grouped-expert backend {choice!r}; use grouped_mm or looped")
     # every expert runs, an empty one on 0 rows: its tensors get a zero gradient, as in the capacity path
-    parts = x.split(counts.tolist())
-    return torch.cat([F.linear(mlps.act(F.linear(pad_rows(part), *fc1)), *fc2)[:len(part)] for part, fc1, fc2 in
-                      zip(parts, zip(w1.unbind(0), b1.unbind(0)), zip(w2.unbind(0), b2.unbind(0)))])
+    return torch.cat([mlps.run(expert, pad_rows(part))[:len(part)]
+                      for expert, part in zip(mlps.per_expert(), x.split(counts.tolist()))])
 
 
 def padded_count(rows: int, device: torch.device, dtype: torch.dtype) -> int:

@@ -166,10 +166,9 @@ class MoEMlp(MoE):
         batched form would also compute the empty slots of every other expert (up to E / K times the routed
         work when routing is skewed)."""
         out = torch.zeros_like(dispatched)
-        act = self.mlps.act
-        for e, (w1, b1, w2, b2, count) in enumerate(zip(*(t.unbind(0) for t in self.mlps.stacks()), filled.tolist())):
+        for e, (expert, count) in enumerate(zip(self.mlps.per_expert(), filled.tolist())):
             if count:
-                out[e, :count] = F.linear(act(F.linear(dispatched[e, :count], w1, b1)), w2, b2)
+                out[e, :count] = self.mlps.run(expert, dispatched[e, :count])
         return out
 
     # ---- surgery: single device (ep_size 1), between runs; mthl_ds.artifacts.surgery applies it to a whole model
