@@ -165,3 +165,52 @@ def test_bad_input_is_refused_with_the_value():
         PerDatasetGate(8, 4, ["a"], {"a": 2}, loss_coefs={"load": 0.01})
     with pytest.raises(ValueError, match="dataset name 'a.b'"):
         PerDatasetGate(8, 4, ["a.b"], {"a.b": 2})
+
+
+def test_router_loss_sums_every_gates_weighted_losses():
+    """The batched router loss (one stacked sum per coefficient) equals the sum of each gate's weighted losses, with
+    three coefficients over MoE MLPs and MoE attention; the logged terms are the per-name sums."""
+    from mthl_ds.build import build_model
+    from mthl_ds.config import load_recipe
+    model = build_model(load_recipe("demo_modsquad", ["model.moe.attention.losses={zloss: 0.05, mi: 0.02}"]))
+    model.train()
+    model.set_dataset("coco")
+    model(torch.randn(2, 3, 64, 64))
+    gates = model.backbone.gates
+    assert {c for g in gates for c in g.loss_coefs.values()} == {0.01, 0.02, 0.05}
+    expected = sum(g.weighted_loss() for g in gates)
+    torch.testing.assert_close(model.backbone.router_loss(), expected, rtol=1e-6, atol=0)
+    terms = model.backbone.router_loss_terms()
+    assert set(terms) == {"mi", "attention/mi", "attention/zloss"}
+    by_hand = sum(layer.gate.losses["zloss"] for layer in model.backbone.attention_layers)
+    torch.testing.assert_close(terms["attention/zloss"], by_hand.detach(), rtol=1e-6, atol=0)
+
+
+def test_a_loaded_state_gives_the_mi_weights_the_fold_gave():
+    """The fold after a step keeps every gate's MI weights, so the next forward computes none; a state dict loaded
+    into the model (a resume) makes them stale, and the next training forward computes them for all gates at once,
+    bitwise as the fold did for the same buffers."""
+    from mthl_ds.build import build_model
+    from mthl_ds.config import load_recipe
+    from mthl_ds.studies.bench.launches import LaunchCount
+    model = build_model(load_recipe("demo"))
+    model.train()
+    model.set_dataset("imagenet")
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    model.backbone.update_routing_buffers()
+    gates = model.backbone.gates
+    folded = [g.mi_weights().clone() for g in gates]
+    assert all(g.mi_weights_current() for g in gates)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(saved)
+    assert not any(g.mi_weights_current() for g in gates)
+    model(x)
+    assert all(torch.equal(g.mi_weights(), w) for g, w in zip(gates, folded))
+    assert len({g.mi_weights().untyped_storage().data_ptr() for g in gates}) == 1  # one pass for all gates
+    model.backbone.update_routing_buffers()  # the fold: the next forward reads kept weights, no op for them
+    assert all(g.mi_weights_current() for g in gates)
+    counter = LaunchCount()
+    with counter:
+        [g.mi_weights() for g in gates]
+    assert sum(counter.counts.values()) == 0

@@ -142,3 +142,39 @@ def test_importance_z_and_load_losses_by_hand():
     p = torch.tensor([phi((0 - 2.1) / 0.5), phi((1 - 2.1) / 0.5), phi((2 - 0.8) / 0.5)])
     expected = float(p.var() / p.mean() ** 2)
     assert abs(float(L.load_loss(clean, noisy, 0.5, 1)) - expected) < 1e-5
+
+
+def test_mi_weights_are_computed_in_the_fold_and_again_whenever_the_buffer_changes():
+    """After a fold every MI gate's weights are Eq. 5's of its new buffer (gates of two widths and momenta, one
+    pass), and reading them then dispatches no op; a write to the buffer (a loaded state dict) or a new buffer
+    (surgery) gives fresh weights at the next read, and the forward's MI loss uses them."""
+    from mthl_ds.studies.bench.launches import LaunchCount
+    made = [PerDatasetGate(4, 6 if i % 2 else 4, ["a", "b"], {"a": 1, "b": 1}, loss_coefs={"mi": 0.01},
+                           mi_momentum=0.9 if i % 3 else 0.98, context=RoutingContext(dataset="a")) for i in range(5)]
+    usage = torch.rand(sum(g.num_experts for g in made), generator=torch.Generator().manual_seed(3))
+    fold_usages(made, [i % 2 for i in range(5)], usage, torch.tensor(True))
+    counter = LaunchCount()
+    with counter:
+        got = [gate.mi_weights() for gate in made]
+    assert sum(counter.counts.values()) == 0
+    for gate, weights in zip(made, got):
+        torch.testing.assert_close(weights, L.mi_weights(gate.routing_joint), rtol=1e-6, atol=0)
+
+    gate = made[1]
+    loaded = random_joint(2, 6, 7).float()
+    gate.load_state_dict({**gate.state_dict(), "routing_joint": loaded})
+    torch.testing.assert_close(gate.mi_weights(), L.mi_weights(loaded), rtol=1e-6, atol=0)
+    gate.add_router("c", 1)  # a new buffer with a third row
+    assert gate.mi_weights().shape == (3, 6)
+    torch.testing.assert_close(gate.mi_weights(), L.mi_weights(gate.routing_joint), rtol=1e-6, atol=0)
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
+    gate.train()
+    gate(x)
+    gate.set_mi_weights(torch.zeros(3, 6))  # stale weights for the buffer as it is: the loss must use them
+    gate(x)
+    assert float(gate.losses["mi"].detach()) == 0.0
+    gate.routing_joint.mul_(1.0)  # a write: the weights are computed again
+    gate(x)
+    usage = gate.pending_usage[1]
+    torch.testing.assert_close(gate.losses["mi"], torch.dot(L.mi_weights(gate.routing_joint)[0], usage))

@@ -23,7 +23,7 @@ from mthl_ds.config import MoEConfig
 from mthl_ds.geometry import STRIDE
 from mthl_ds.models.pretrained import load_dense_checkpoint
 from mthl_ds.moe.attention import MoEAttention
-from mthl_ds.moe.gate import PerDatasetGate, RoutingContext, fold_usages
+from mthl_ds.moe.gate import PerDatasetGate, RoutingContext, compute_mi_weights, fold_usages
 from mthl_ds.moe.layer import MoEMlp
 from mthl_ds.moe.losses import exact_negative_mi
 
@@ -175,6 +175,9 @@ class MoEBackbone(nn.Module):
         if self.context.dataset is None:
             raise RuntimeError("no dataset set: call model.set_dataset(name) before forward")
         self.context.forward_id += 1
+        gates = self.gates
+        if self.training and not all(g.mi_weights_current() for g in gates if "mi" in g.loss_coefs):
+            compute_mi_weights(gates)  # a buffer changed since the last fold (a loaded checkpoint, surgery)
         if self.min_side is not None:
             x = pad_to_canvas(x, self.min_side)
         if self.pyramid is None:
@@ -182,17 +185,23 @@ class MoEBackbone(nn.Module):
         return self.pyramid(self.net.forward_intermediates(x, indices=self.pyramid.blocks, intermediates_only=True))
 
     def router_loss(self) -> Tensor | float:
-        return sum(gate.weighted_loss() for gate in self.gates)
+        """Every gate's router losses of this forward, each weighted by its coefficient: one stacked sum per
+        coefficient rather than an op per gate (0.0 where there is none)."""
+        by_coef: dict[float, list[Tensor]] = {}
+        for gate in self.gates:
+            for name, value in gate.losses.items():
+                by_coef.setdefault(gate.loss_coefs[name], []).append(value)
+        return sum_tensors([coef * torch.stack(values).sum() for coef, values in by_coef.items()])
 
     def router_loss_terms(self) -> dict[str, Tensor]:
         """Unweighted router losses summed over layers (``attention/`` for MoE attention), for logging: detached
         0-dim tensors on the model's device (reading them is the logger's one host sync)."""
-        terms: dict[str, Tensor] = {}
+        terms: dict[str, list[Tensor]] = {}
         for prefix, layers in (("", self.moe_layers), ("attention/", self.attention_layers)):
             for layer in layers:
                 for name, value in layer.gate.losses.items():
-                    terms[prefix + name] = terms.get(prefix + name, 0.0) + value.detach()
-        return terms
+                    terms.setdefault(prefix + name, []).append(value.detach())
+        return {name: torch.stack(values).sum() for name, values in terms.items()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's activation checkpointing: blocks (stages for DaViT) are re-run in backward. Each gate records
@@ -241,6 +250,11 @@ class MoEBackbone(nn.Module):
         fold_usages(gates, [g.pending_usage[0] for g in gates], flat, applied)
         for gate in gates:
             gate.pending_usage = None
+
+
+def sum_tensors(values: list[Tensor]) -> Tensor | float:
+    """``values[0] + values[1] + ...`` (0.0 for none), with no add of a Python 0 first as ``sum`` would."""
+    return sum(values[1:], values[0]) if values else 0.0
 
 
 def swin_min_side(net: nn.Module) -> Optional[int]:

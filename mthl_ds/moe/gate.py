@@ -246,6 +246,8 @@ class PerDatasetGate(nn.Module):
         self.routes, self.capacity = 0, None  # routes of the last forward, and its capacity
         self.pending_usage: Optional[tuple[int, Tensor]] = None
         self._recorded_forward = -1
+        # Eq. 5's weights of ``routing_joint`` (float32), with the buffer and its version they were computed from
+        self._mi_weights: Optional[tuple[Tensor, int, Tensor]] = None
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -318,7 +320,7 @@ class PerDatasetGate(nn.Module):
         row = self.dataset_index(name)
         losses = {}
         if "mi" in self.loss_coefs:  # Eq. 5, linear in this forward's P(D, E): only the dataset's row is not zero
-            losses["mi"] = torch.dot(L.mi_weights(self.routing_joint.to(usage.dtype))[row], usage)
+            losses["mi"] = torch.dot(self.mi_weights()[row], usage.float())
         if "gshard" in self.loss_coefs:
             losses["gshard"] = l_aux
         if "importance" in self.loss_coefs:
@@ -331,6 +333,25 @@ class PerDatasetGate(nn.Module):
         if self._recorded_forward != self.context.forward_id:
             self._recorded_forward = self.context.forward_id
             self.pending_usage = (row, usage.detach())
+
+    def mi_weights(self) -> Tensor:
+        """Eq. 5 as weights of ``B(D, E)`` (:func:`losses.mi_weights`, float32, (M, E)), kept until the buffer
+        changes. A model computes every gate's at once (:func:`compute_mi_weights`: in the fold after each step, and
+        in the backbone's forward where a buffer changed since), so its gates find them ready; a gate used alone
+        computes its own here."""
+        if not self.mi_weights_current():
+            self.set_mi_weights(L.mi_weights(self.routing_joint.float()))
+        return self._mi_weights[2]
+
+    def mi_weights_current(self) -> bool:
+        """Whether the kept MI weights are those of the buffer as it is: the same tensor, not written to since (its
+        version counter: a loaded state dict, an update)."""
+        kept, joint = self._mi_weights, self.routing_joint
+        return kept is not None and kept[0] is joint and kept[1] == joint._version
+
+    def set_mi_weights(self, weights: Tensor) -> None:
+        """Keep ``weights`` as the MI weights of the buffer as it is now."""
+        self._mi_weights = (self.routing_joint, self.routing_joint._version, weights)
 
     def weighted_loss(self) -> Tensor | float:
         return sum(self.loss_coefs[n] * v for n, v in self.losses.items())
@@ -406,7 +427,7 @@ def fold_usages(gates: Sequence[PerDatasetGate], rows: Sequence[int], usage: Ten
     (the gates' ``P(E | D)`` one after another, already averaged over ranks); where ``applied`` (a 0-dim bool
     tensor) is False every row stays, also if ``usage`` is not finite. One pass over all rows for each group of
     gates with the same momentum, dataset count and buffer dtype and device (one group in a model built from one
-    recipe)."""
+    recipe). Then the gates' MI weights of the new buffers (:func:`compute_mi_weights`)."""
     groups: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for gate, row, part in zip(gates, rows, usage.split([gate.num_experts for gate in gates])):
         joint = gate.routing_joint
@@ -420,3 +441,20 @@ def fold_usages(gates: Sequence[PerDatasetGate], rows: Sequence[int], usage: Ten
         if applied is not None:
             updated = torch.where(applied, updated, current)
         torch._foreach_copy_(views, list(updated.split([len(view) for view in views])))
+    compute_mi_weights(gates)
+
+
+@torch.no_grad()
+def compute_mi_weights(gates: Sequence[PerDatasetGate]) -> None:
+    """Keep the MI weights (:meth:`PerDatasetGate.mi_weights`) of every gate that trains the MI loss, in one pass per
+    group of gates with the same dataset count and device: Eq. 5's weights are per column of ``B(D, E)``, so the
+    buffers side by side give each gate's own. The fold and the backbone's forward both compute them here, so a
+    resumed run's weights are bitwise those of the run it resumes."""
+    groups: dict[tuple, list[PerDatasetGate]] = {}
+    for gate in gates:
+        if "mi" in gate.loss_coefs:
+            groups.setdefault((len(gate.datasets), gate.routing_joint.device), []).append(gate)
+    for members in groups.values():
+        weights = L.mi_weights(torch.cat([gate.routing_joint.float() for gate in members], dim=1))
+        for gate, part in zip(members, weights.split([gate.num_experts for gate in members], dim=1)):
+            gate.set_mi_weights(part)

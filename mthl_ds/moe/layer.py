@@ -107,7 +107,9 @@ class MoEMlp(MoE):
         capacity = int(routes.capacity)  # a Python int with dropped routes; else the one host sync of this layer
         slots = num_experts * capacity
         indices = routes.indices.t()  # (S, K), contiguous: token-major
-        slot = torch.where(indices >= 0, indices * capacity + routes.locations.t(), slots).flatten()
+        # A kept route's slot is expert * C + location; a dropped one (expert -1, location 0) gives -C, which the
+        # remainder sends to the spare slot ``slots`` (kept slots lie in 0..slots - 1, below the modulus).
+        slot = (indices * capacity + routes.locations.t()).remainder_(slots + capacity).flatten()
         token_ids = torch.arange(slot.shape[0], device=x.device).div_(indices.shape[1], rounding_mode="floor")
         source = torch.zeros(slots + 1, dtype=torch.long, device=x.device).scatter_(0, slot, token_ids)[:slots]
         # Each slot's gate (0 for an empty slot), by which its output is weighted when it is added back onto its
