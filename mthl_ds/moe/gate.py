@@ -90,9 +90,10 @@ def route(probs: Tensor, k: int, capacity_factor: float, min_capacity: int, drop
                        locations.view_as(experts), counts)
     capacity = max(math.ceil(tokens / num_experts * capacity_factor * k), min_capacity)
     # Sorted by expert, then by probability, highest first: probabilities are >= 0, so their float32 bits
-    # (as int32) order like the values, and expert * 2^31 + (2^31 - 1 - bits) is one int64 key.
-    bits = probs.detach().gather(1, experts).flatten().view(torch.int32).long()
-    rank = rank_in_group(flat * 2 ** 31 + (2 ** 31 - 1 - bits), flat, exclusive_cumsum(counts)).view_as(experts)
+    # (as int32, below 2^31) order like the values, and bits - expert * 2^31 (int64) is one key, sorted descending.
+    bits = probs.detach().gather(1, experts).flatten().view(torch.int32)
+    rank = rank_in_group(torch.sub(bits, flat, alpha=2 ** 31), flat, exclusive_cumsum(counts),
+                         descending=True).view_as(experts)
     return Routing(l_aux, capacity, experts, rank < capacity, rank, counts)
 
 
@@ -100,10 +101,11 @@ def exclusive_cumsum(counts: Tensor) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def rank_in_group(key: Tensor, group: Tensor, starts: Tensor) -> Tensor:
-    """Each element's rank among the elements of its ``group`` ordered by ``key`` (equal keys: earlier first);
-    ``key`` orders groups as ``group`` does and group g's ranks start after ``starts[g]`` elements."""
-    order = key.argsort(stable=True)
+def rank_in_group(key: Tensor, group: Tensor, starts: Tensor, descending: bool = False) -> Tensor:
+    """Each element's rank among the elements of its ``group`` ordered by ``key``, ascending or ``descending``
+    (equal keys: earlier first); ``key`` in that order orders groups as ``group`` does ascending, and group g's
+    ranks start after ``starts[g]`` elements."""
+    order = key.argsort(descending=descending, stable=True)
     rank = torch.arange(len(key), device=key.device) - starts[group[order]]
     return torch.empty_like(rank).scatter_(0, order, rank)
 
