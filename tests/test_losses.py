@@ -171,7 +171,7 @@ def test_mi_weights_are_computed_in_the_fold_and_again_whenever_the_buffer_chang
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
     gate.train()
     gate(x)
-    gate.set_mi_weights(torch.zeros(3, 6))  # stale weights for the buffer as it is: the loss must use them
+    gate.set_mi_weights(torch.zeros(3, 6))  # kept for the buffer as it is: the loss uses them, computes none
     gate(x)
     assert float(gate.losses["mi"].detach()) == 0.0
     gate.routing_joint.mul_(1.0)  # a write: the weights are computed again
