@@ -191,7 +191,8 @@ class MoEBackbone(nn.Module):
         for gate in self.gates:
             for name, value in gate.losses.items():
                 by_coef.setdefault(gate.loss_coefs[name], []).append(value)
-        return sum_tensors([coef * torch.stack(values).sum() for coef, values in by_coef.items()])
+        weighted = [coef * torch.stack(values).sum() for coef, values in by_coef.items()]
+        return sum(weighted[1:], weighted[0]) if weighted else 0.0  # sum() alone would add a Python 0 first
 
     def router_loss_terms(self) -> dict[str, Tensor]:
         """Unweighted router losses summed over layers (``attention/`` for MoE attention), for logging: detached
@@ -250,11 +251,6 @@ class MoEBackbone(nn.Module):
         fold_usages(gates, [g.pending_usage[0] for g in gates], flat, applied)
         for gate in gates:
             gate.pending_usage = None
-
-
-def sum_tensors(values: list[Tensor]) -> Tensor | float:
-    """``values[0] + values[1] + ...`` (0.0 for none), with no add of a Python 0 first as ``sum`` would."""
-    return sum(values[1:], values[0]) if values else 0.0
 
 
 def swin_min_side(net: nn.Module) -> Optional[int]:
